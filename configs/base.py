@@ -1,0 +1,115 @@
+"""Defaults shared by every task config (DESIGN.md §1, §2, §6). Task files override what differs.
+
+Not a task itself: use configs/{synthetic,s4,ms3,avss}.py.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'base'
+  c.mode = 'train'                 # train | eval
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic_avs'    # synthetic_avs | avs_object | avs_semantic
+  c.data.builder_config = 'semantic'
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: <workdir>/../tensorflow_datasets
+  c.data.image_size = 224
+  c.data.num_frames = 10
+  c.data.num_classes = 70          # foreground classes (background is "no object")
+  c.data.binary = False            # S4/MS3: one "sounding" class
+  c.data.train_split = 'train'
+  c.data.eval_split = 'val'
+  c.data.train_resize = 'short_side_crop'
+  c.data.hflip = False
+  c.data.read_threads = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = 'float32'        # compute dtype; parameters stay float32
+  c.model.backbone = ml_collections.ConfigDict(dict(
+      name='resnet50', width=64, frozen_stages=1, dtype='float32',
+      pretrained=ml_collections.config_dict.placeholder(str)))
+  c.model.hidden_dim = 256
+  c.model.num_queries = 5
+  c.model.codebook_size = 128
+  c.model.num_feature_levels = 4
+  c.model.encoder = ml_collections.ConfigDict(dict(layers=4, heads=8, points=4, ffn_dim=2048, dropout=0.1))
+  c.model.audio = ml_collections.ConfigDict(dict(
+      encoder='vggish', width=16, trainable=False, pretrained=ml_collections.config_dict.placeholder(str)))
+  c.model.heads = 8
+  c.model.ffn_dim = 2048
+  c.model.dropout = 0.1
+  c.model.asd_layers = 2
+  c.model.dec_layers = 4
+  c.model.decoder_points = 4
+  c.model.mask_dim = 256
+  c.model.dynamic_channels = 8
+  c.model.avsr_input = 'quantized'  # quantized | continuous
+  # Table 2 ablation switches.
+  c.model.decomposition = True
+  c.model.quantize = True
+  c.model.avsr = True
+  c.model.local_calibration = True
+
+  c.loss = ml_collections.ConfigDict(dict(
+      cls_weight=2.0, l1_weight=5.0, giou_weight=2.0, mask_weight=2.0, dice_weight=5.0,
+      focal_alpha=0.25, focal_gamma=2.0, mask_loss='bce', quant_weight=0.5, commit_weight=0.25,
+      aux_loss=True))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, backbone_lr_mult=0.5, weight_decay=5e-4, grad_clip=0.1,
+      warmup_steps=0, decay_factor=0.1))
+  c.batch_size = 4                  # global, clips
+  c.eval_batch_size = 4
+  c.num_epochs = 16
+  c.lr_drop_epochs = (14,)
+  c.total_steps = 0                 # > 0 overrides num_epochs
+  c.lr_drop_steps = ()              # with total_steps
+
+  c.log_every = 50
+  c.eval_every = 2000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.best_metric = 'mIoU'
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = ml_collections.config_dict.placeholder(str)  # None: data.eval_split
+  c.eval.checkpoint = 'latest'      # latest | best | <step>
+  c.eval.limit = 0                  # > 0: first N clips only
+  c.eval.num_overlays = 4
+  c.eval.keep_padded_frames = True  # AVSS: count padded v1 frames as the official code does
+  c.eval.official_batch_clips = 4   # AVSBench F per-batch mode groups this many clips
+  c.eval.shuffle_audio = False      # replace each clip's audio by another clip's (audio-use check)
+  c.eval.noise_snrs = ()            # e.g. (20, 10, 5, 0, -5): noise-robustness sweep (Fig. 7)
+  c.eval.noise_seed = 0
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A run that finishes in under two minutes on two CPU cores and still checkpoints and reports."""
+  c.model.backbone.name = 'resnet18'
+  c.model.backbone.width = 8
+  c.model.hidden_dim = 32
+  c.model.encoder.update(layers=1, heads=2, points=2, ffn_dim=64, dropout=0.0)
+  c.model.audio.update(encoder='small', width=8, trainable=True)
+  c.model.heads = 2
+  c.model.ffn_dim = 64
+  c.model.asd_layers = 1
+  c.model.dec_layers = 2
+  c.model.decoder_points = 2
+  c.model.mask_dim = 16
+  c.model.codebook_size = 16
+  c.model.num_queries = 3
+  c.batch_size = 2
+  c.eval_batch_size = 2
+  c.total_steps = 6
+  c.lr_drop_steps = (5,)
+  c.log_every = 2
+  c.eval_every = 6
+  c.checkpoint_every = 3
+  c.eval.limit = 4
+  c.eval.num_overlays = 1
+  return c

@@ -1,0 +1,54 @@
+"""The embedded synthetic task (DESIGN.md §4.3): the default job on a fresh machine, no download.
+
+  python main.py --config configs/synthetic.py --workdir /tmp/qdf_synthetic
+  python main.py --config configs/synthetic.py:smoke --workdir /tmp/qdf_smoke       # < 2 min
+  python main.py --config configs/synthetic.py --workdir /tmp/qdf_synthetic --config.mode=eval
+
+Arguments after ':' (comma-separated): 'smoke'; 'single' | 'multi' | 'semantic' (builder config).
+The model is narrow and the frames small so that ~15 minutes on 2 CPU cores learn the task.
+"""
+from __future__ import annotations
+
+from configs import base
+
+
+def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
+  args = [a for a in arg.split(',') if a]
+  c = base.get_base_config()
+  c.name = 'synthetic'
+  task = next((a for a in args if a in ('single', 'multi', 'semantic')), 'semantic')
+  c.data.name = 'synthetic_avs'
+  c.data.builder_config = task
+  c.data.image_size = 64
+  c.data.num_frames = 5
+  c.data.binary = task != 'semantic'
+  c.data.num_classes = 1 if c.data.binary else 8
+  c.data.train_resize = 'warp'
+  c.data.synthetic = {}            # builder overrides (clip counts, image size, seed)
+  c.best_metric = 'J' if c.data.binary else 'mIoU'
+
+  c.model.backbone.update(name='resnet18', width=16, frozen_stages=0)
+  c.model.hidden_dim = 64
+  c.model.encoder.update(layers=1, heads=4, points=4, ffn_dim=128, dropout=0.0)
+  c.model.audio.update(encoder='small', width=16, trainable=True)
+  c.model.heads = 4
+  c.model.ffn_dim = 128
+  c.model.dropout = 0.0
+  c.model.asd_layers = 1
+  c.model.dec_layers = 3
+  c.model.mask_dim = 16
+  c.model.codebook_size = 32
+  c.model.num_queries = 4
+
+  c.optim.update(learning_rate=5e-4, backbone_lr_mult=1.0, weight_decay=1e-4, grad_clip=1.0, warmup_steps=50)
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.total_steps = 1200
+  c.lr_drop_steps = (1000,)
+  c.log_every = 50
+  c.eval_every = 400
+  c.checkpoint_every = 200
+  if 'smoke' in args:
+    base.apply_smoke(c)
+    c.data.synthetic = {'train_clips': 16, 'validation_clips': 8, 'test_clips': 8}
+  return c

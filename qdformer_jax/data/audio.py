@@ -1,0 +1,304 @@
+"""The VGGish log-mel front end in NumPy/SciPy (DESIGN.md §4.1).
+
+A torch-free transcription of torchvggish's ``vggish_input.waveform_to_examples`` and
+``mel_features``: mono mix-down, resampling to 16 kHz, 25 ms periodic-Hann frames every 10 ms,
+512-point FFT magnitude, 64 HTK-mel bands over 125-7500 Hz, log(mel + 0.01), then non-overlapping
+96-frame examples. Used by every dataset builder (synthetic and AVSBench) and by noise-robustness
+evaluation, so that audio always takes exactly one path to the model.
+
+Resampling reproduces ``resampy.resample`` with its ``kaiser_best`` filter (the resampler
+torchvggish calls) in NumPy, so that features of 22.05/44.1/48 kHz audio match torchvggish's without
+resampy, numba or torch.
+
+Also here: WAV reading (:func:`read_wav`), padding to a fixed number of examples
+(:func:`pad_examples`), the released AVSBench ``.pkl`` log-mel files (:func:`load_released_log_mel`;
+torch is needed only when a file holds a torch tensor, as the released ones do) and mixing at a
+given SNR (:func:`mix_at_snr`).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pickle
+
+import numpy as np
+import scipy.io.wavfile
+import scipy.signal
+
+SAMPLE_RATE = 16000
+STFT_WINDOW_SECONDS = 0.025
+STFT_HOP_SECONDS = 0.010
+NUM_MEL_BINS = 64
+MEL_MIN_HZ = 125.0
+MEL_MAX_HZ = 7500.0
+LOG_OFFSET = 0.01
+EXAMPLE_FRAMES = 96  # 0.96 s at 100 frames per second
+_MEL_BREAK_FREQUENCY_HERTZ = 700.0
+_MEL_HIGH_FREQUENCY_Q = 1127.0
+
+WINDOW_LENGTH = int(round(SAMPLE_RATE * STFT_WINDOW_SECONDS))  # 400 samples
+HOP_LENGTH = int(round(SAMPLE_RATE * STFT_HOP_SECONDS))  # 160 samples
+FFT_LENGTH = 2 ** int(np.ceil(np.log2(WINDOW_LENGTH)))  # 512
+
+
+def _frame(data: np.ndarray, window_length: int, hop_length: int) -> np.ndarray:
+  """[n, ...] -> [frames, window_length, ...] view of the whole windows every ``hop_length`` rows."""
+  num_frames = max(0, 1 + (data.shape[0] - window_length) // hop_length)
+  shape = (num_frames, window_length) + data.shape[1:]
+  strides = (data.strides[0] * hop_length,) + data.strides
+  return np.lib.stride_tricks.as_strided(data, shape=shape, strides=strides, writeable=False)
+
+
+def _periodic_hann(window_length: int) -> np.ndarray:
+  return 0.5 - (0.5 * np.cos(2 * np.pi / window_length * np.arange(window_length)))
+
+
+def _hertz_to_mel(frequencies_hertz):
+  """HTK mel scale."""
+  return _MEL_HIGH_FREQUENCY_Q * np.log(1.0 + (frequencies_hertz / _MEL_BREAK_FREQUENCY_HERTZ))
+
+
+def mel_matrix(num_spectrogram_bins: int = FFT_LENGTH // 2 + 1,
+               sample_rate: float = SAMPLE_RATE) -> np.ndarray:
+  """[num_spectrogram_bins, 64] triangular HTK-mel weights over 125-7500 Hz (no weight on DC)."""
+  nyquist_hertz = sample_rate / 2.0
+  spectrogram_bins_mel = _hertz_to_mel(np.linspace(0.0, nyquist_hertz, num_spectrogram_bins))
+  band_edges_mel = np.linspace(_hertz_to_mel(MEL_MIN_HZ), _hertz_to_mel(MEL_MAX_HZ), NUM_MEL_BINS + 2)
+  lower, center, upper = band_edges_mel[:-2], band_edges_mel[1:-1], band_edges_mel[2:]
+  lower_slope = (spectrogram_bins_mel[:, None] - lower) / (center - lower)
+  upper_slope = (upper - spectrogram_bins_mel[:, None]) / (upper - center)
+  weights = np.maximum(0.0, np.minimum(lower_slope, upper_slope))
+  weights[0, :] = 0.0  # the DC bin carries no mel weight
+  return weights
+
+
+_MEL_MATRIX = mel_matrix()
+_WINDOW = _periodic_hann(WINDOW_LENGTH)
+
+
+def to_mono_float(waveform: np.ndarray) -> np.ndarray:
+  """Samples -> float64 mono in about [-1, 1].
+
+  Accepts 1-D or [n, channels] arrays of int16 (scaled by 1/32768, as torchvggish does), int32
+  (1/2^31), uint8 (offset 128, 1/128) or float (used as is). Channels are averaged after scaling.
+  """
+  waveform = np.asarray(waveform)
+  if waveform.dtype == np.int16:
+    waveform = waveform / 32768.0
+  elif waveform.dtype == np.int32:
+    waveform = waveform / 2147483648.0
+  elif waveform.dtype == np.uint8:
+    waveform = (waveform.astype(np.float64) - 128.0) / 128.0
+  elif not np.issubdtype(waveform.dtype, np.floating):
+    raise ValueError(f'waveform dtype {waveform.dtype} is not supported: pass int16, int32, uint8 '
+                     'or float samples')
+  waveform = waveform.astype(np.float64, copy=False)
+  if waveform.ndim == 2:
+    if waveform.shape[1] > waveform.shape[0]:
+      raise ValueError(f'waveform of shape {waveform.shape} has more channels than samples: pass '
+                       '[n, channels] (transpose a [channels, n] array)')
+    waveform = waveform.mean(axis=1)
+  elif waveform.ndim != 1:
+    raise ValueError(f'waveform must be 1-D or [n, channels], got shape {waveform.shape}')
+  return waveform
+
+
+# resampy's 'kaiser_best' filter (the one torchvggish resamples with): the right wing of a
+# Kaiser-windowed sinc, 50 zero crossings, 2^13 table entries per crossing. Parameters fitted to the
+# table resampy ships (largest tap difference 6e-12).
+_RESAMPLE_ZEROS = 50
+_RESAMPLE_TABLE = 2 ** 13
+_RESAMPLE_ROLLOFF = 0.9173473712608761
+_RESAMPLE_BETA = 12.984585258693688
+
+
+@functools.lru_cache(maxsize=1)
+def _resample_half_window() -> np.ndarray:
+  n = _RESAMPLE_TABLE * _RESAMPLE_ZEROS
+  sinc = _RESAMPLE_ROLLOFF * np.sinc(_RESAMPLE_ROLLOFF * np.linspace(0.0, _RESAMPLE_ZEROS, n + 1))
+  taper = scipy.signal.windows.kaiser(2 * n + 1, _RESAMPLE_BETA)[n:]
+  return taper * sinc
+
+
+def resample(waveform: np.ndarray, sample_rate: float, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+  """1-D float64 waveform at ``sample_rate`` -> ``target_rate``, as ``resampy.resample`` does it.
+
+  Band-limited interpolation (Smith's algorithm) with resampy's default 'kaiser_best' filter:
+  output sample t sits at input time t · sample_rate / target_rate; the filter wings left and right
+  of it are read from the tabulated window with linear interpolation between entries, scaled by
+  the rate ratio when downsampling. The arithmetic follows resampy's loop term by term, vectorised
+  over output samples, so the results agree to the filter table (about 1e-10). The output has
+  int(n · target_rate / sample_rate) samples (empty when that is 0); the identity when the rates
+  agree.
+  """
+  if sample_rate <= 0:
+    raise ValueError(f'sample_rate must be positive, got {sample_rate}')
+  if sample_rate == target_rate:
+    return waveform
+  x = np.asarray(waveform, np.float64)
+  ratio = float(target_rate) / float(sample_rate)
+  n_out = int(x.shape[0] * float(target_rate) / float(sample_rate))
+  if n_out < 1:
+    return np.zeros((0,), np.float64)
+  window = _resample_half_window()
+  if ratio < 1:
+    window = ratio * window
+  delta = np.diff(window, append=window[-1])
+  scale = min(1.0, ratio)
+  step = int(scale * _RESAMPLE_TABLE)
+  time = np.arange(n_out) * (1.0 / ratio)
+  base = time.astype(np.int64)  # the input sample at or left of each output time
+  frac = scale * (time - base)
+  y = np.zeros((n_out,), np.float64)
+  weight = np.empty_like(y)
+  samples = np.empty_like(y)
+  index = np.empty((n_out,), np.int64)
+  source = np.empty((n_out,), np.int64)
+  for side in ('left', 'right'):
+    if side == 'right':
+      frac = scale - frac
+    position = frac * _RESAMPLE_TABLE
+    offset = position.astype(np.int64)
+    eta = position - offset
+    taps = (window.shape[0] - offset) // step
+    # Taps stop at the signal edges: x[base - i] for i <= base, x[base + 1 + i] inside x.
+    taps = np.minimum(base + 1, taps) if side == 'left' else np.minimum(x.shape[0] - base - 1, taps)
+    for i in range(int(taps.max(initial=0))):
+      np.add(offset, i * step, out=index)
+      np.take(delta, index, out=weight, mode='clip')
+      weight *= eta
+      weight += np.take(window, index, mode='clip')
+      np.add(base, -i if side == 'left' else i + 1, out=source)
+      np.take(x, source, out=samples, mode='clip')
+      weight *= samples
+      weight *= i < taps  # taps past an edge or the filter end contribute nothing
+      y += weight
+  return y
+
+
+def log_mel_spectrogram(waveform16k: np.ndarray) -> np.ndarray:
+  """[samples] at 16 kHz -> float64 [frames, 64] log-mel (torchvggish's mel_features)."""
+  waveform16k = np.ascontiguousarray(waveform16k, dtype=np.float64)
+  frames = _frame(waveform16k, WINDOW_LENGTH, HOP_LENGTH)
+  if frames.shape[0] == 0:
+    return np.zeros((0, NUM_MEL_BINS), np.float64)
+  spectrogram = np.abs(np.fft.rfft(frames * _WINDOW, FFT_LENGTH))
+  return np.log(spectrogram @ _MEL_MATRIX + LOG_OFFSET)
+
+
+def waveform_to_log_mel(waveform: np.ndarray, sample_rate: float) -> np.ndarray:
+  """VGGish examples of a waveform: float32 [n, 96, 64], n = the whole 0.96 s examples it holds.
+
+  Args:
+    waveform: 1-D mono or [n, channels] samples, int16 or float (see :func:`to_mono_float`).
+    sample_rate: its rate in Hz; anything but 16 kHz is resampled (see :func:`resample`).
+
+  Equal to torchvggish's ``vggish_input.waveform_to_examples(waveform, sample_rate,
+  return_tensor=False)`` for float input and to its ``wavfile_to_examples`` for int16 samples
+  (scaled by 1/32768), without torch.
+  """
+  data = resample(to_mono_float(waveform), sample_rate)
+  examples = _frame(log_mel_spectrogram(data), EXAMPLE_FRAMES, EXAMPLE_FRAMES)
+  return np.ascontiguousarray(examples, dtype=np.float32).reshape(-1, EXAMPLE_FRAMES, NUM_MEL_BINS)
+
+
+def read_wav(path_or_bytes) -> tuple[np.ndarray, int]:
+  """A WAV file (path or bytes) -> (samples as stored: 1-D or [n, channels], sample rate).
+
+  Reads PCM (uint8, int16, 24/32-bit int) and IEEE float WAVs with scipy; raises ValueError naming
+  the file when it is not a readable WAV.
+  """
+  source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+  name = '<bytes>' if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
+  try:
+    sample_rate, samples = scipy.io.wavfile.read(source)
+  except (ValueError, EOFError, OSError) as e:
+    raise ValueError(f'{name}: not a readable WAV file ({e})') from e
+  return samples, int(sample_rate)
+
+
+def wav_to_log_mel(path_or_bytes) -> np.ndarray:
+  """A WAV file -> float32 [n, 96, 64] VGGish examples (torchvggish's ``wavfile_to_examples``)."""
+  samples, sample_rate = read_wav(path_or_bytes)
+  return waveform_to_log_mel(samples, sample_rate)
+
+
+def pad_examples(examples: np.ndarray, num_examples: int, mode: str) -> np.ndarray:
+  """Pads or trims [n, 96, 64] to ``num_examples``.
+
+  mode 'repeat' repeats the last example (AVSBench S4/MS3; a clip with no example at all gets
+  zeros), 'zeros' appends zero examples (AVSS).
+  """
+  if mode not in ('repeat', 'zeros'):
+    raise ValueError(f"pad mode must be 'repeat' or 'zeros', got {mode!r}")
+  n = examples.shape[0]
+  if n >= num_examples:
+    return examples[:num_examples]
+  if mode == 'repeat' and n > 0:
+    pad = np.repeat(examples[-1:], num_examples - n, axis=0)
+  else:
+    pad = np.zeros((num_examples - n,) + examples.shape[1:], examples.dtype)
+  return np.concatenate([examples, pad], axis=0)
+
+
+class _TensorUnpickler(pickle.Unpickler):
+  """Unpickles only what a pickled torch tensor or NumPy array needs, nothing else."""
+
+  _ALLOWED = {
+      ('torch._utils', '_rebuild_tensor'), ('torch._utils', '_rebuild_tensor_v2'),
+      ('torch._utils', '_rebuild_parameter'), ('torch.storage', '_load_from_bytes'),
+      ('torch', 'FloatStorage'), ('torch', 'DoubleStorage'), ('torch', 'HalfStorage'),
+      ('collections', 'OrderedDict'), ('numpy', 'ndarray'), ('numpy', 'dtype'),
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+  }
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f'refusing to load {module}.{name} from a log-mel .pkl file')
+    return super().find_class(module, name)
+
+
+def load_released_log_mel(path) -> np.ndarray:
+  """A released AVSBench ``audio_log_mel/*.pkl`` -> float32 [n, 96, 64].
+
+  The files hold a pickled torch tensor [n, 1, 96, 64] (written with ``pickle``, or ``torch.save``
+  in some copies), so torch must be installed to read them; NumPy arrays are accepted too. Only
+  tensor/array reconstruction is unpickled.
+  """
+  name = os.fspath(path)
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    if data[:2] == b'PK':  # torch.save zip container
+      import torch
+
+      value = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    else:
+      value = _TensorUnpickler(io.BytesIO(data)).load()
+  except ModuleNotFoundError as e:
+    raise ImportError(f'{name}: reading the released .pkl log-mel needs torch '
+                      '(pip install torch==2.13.0), or build from the wav files instead') from e
+  except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+    raise ValueError(f'{name}: not a readable log-mel .pkl file ({e})') from e
+  if hasattr(value, 'detach'):
+    value = value.detach().cpu().numpy()
+  value = np.asarray(value, dtype=np.float32)
+  if value.ndim == 4 and value.shape[1] == 1:
+    value = value[:, 0]
+  if value.ndim != 3 or value.shape[1:] != (EXAMPLE_FRAMES, NUM_MEL_BINS):
+    raise ValueError(f'{name}: expected a log-mel tensor [n, 1, 96, 64], got shape {value.shape}')
+  return value
+
+
+def mix_at_snr(signal: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+  """signal + noise scaled so that 10·log10(P_signal / P_noise) = snr_db (noise tiled or cut)."""
+  signal = np.asarray(signal, np.float64)
+  noise = np.resize(np.asarray(noise, np.float64), signal.shape)
+  p_signal = np.mean(signal ** 2)
+  p_noise = np.mean(noise ** 2)
+  if p_noise <= 0.0:
+    return signal
+  scale = np.sqrt(p_signal / (p_noise * 10.0 ** (snr_db / 10.0)))
+  return signal + scale * noise

@@ -1,0 +1,161 @@
+"""grain input pipelines: TFDS ArrayRecord clips -> the batch contract of DESIGN.md §4.2.
+
+One pipeline serves every dataset, because every builder writes the record layout of
+``qdformer_jax.data.records``. Each process reads its own slice of the split
+(``ds[process_index::process_count]``) and yields ``global_batch / process_count`` clips; the
+training loop assembles the global array with ``jax.make_array_from_process_local_data``.
+
+Train iterators shuffle (differently every epoch), repeat forever and are checkpointable
+(``get_state``/``set_state``; saved by Orbax through ``grain.checkpoint``). Eval iterators run one
+pass and pad the last batch with copies marked ``clip_valid = False`` so shapes stay static and every
+clip counts exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import grain
+import numpy as np
+
+from qdformer_jax.data import records, transforms
+
+DEVICE_KEYS = ('frames', 'log_mel', 'semantic', 'gt_valid', 'frame_valid')
+
+
+def load_source(data_config, split: str):
+  """The random-access TFDS source of ``split``, building the synthetic dataset on first use."""
+  name = data_config.name
+  if name == 'synthetic_avs':
+    from tfds_builders.synthetic_avs import synthetic_avs_dataset_builder as synthetic
+    overrides = dict(image_size=int(data_config.image_size), num_frames=int(data_config.num_frames))
+    overrides.update(dict(data_config.get('synthetic', {})))
+    builder = synthetic.build(data_config.builder_config, data_config.data_dir, **overrides)
+  elif name in ('avs_object', 'avs_semantic'):
+    import tensorflow_datasets as tfds
+    import tfds_builders  # noqa: F401  (registers the AVSBench builders)
+    builder = tfds.builder(f'{name}/{data_config.builder_config}', data_dir=data_config.data_dir)
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f'{name}/{data_config.builder_config} is not built under {data_config.data_dir!r}: build it first with '
+          f'`python -m tfds_builders.{name} --raw_dir <AVSBench release> --data_dir {data_config.data_dir}`')
+  else:
+    raise ValueError(f"data.name must be 'synthetic_avs', 'avs_object' or 'avs_semantic', got {name!r}")
+  return builder.as_data_source(split=split)
+
+
+def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Generator | None) -> dict:
+  """One stored clip -> numpy arrays of the batch contract (one clip, no batch axis)."""
+  size = int(data_config.image_size)
+  num_frames = len(record['frames'])
+  frame_valid = np.asarray(record['frame_valid'], bool).copy()
+  gt_valid = np.asarray(record['gt_valid'], bool) & frame_valid
+  frames, masks = [], []
+  for t in range(num_frames):
+    if not frame_valid[t] or not record['frames'][t]:
+      frames.append(None)
+      masks.append(None)
+      frame_valid[t] = False
+      continue
+    frame = records.decode_image(record['frames'][t], 'RGB')
+    if gt_valid[t] and record['semantic'][t]:
+      mask = records.decode_image(record['semantic'][t], 'L')
+    else:
+      mask = np.zeros(frame.shape[:2], np.uint8)
+    frames.append(frame)
+    masks.append(mask)
+  gt_valid &= frame_valid
+  valid = [t for t in range(num_frames) if frames[t] is not None]
+  if not valid:
+    raise ValueError(f"clip {record.get('clip_id', b'?')!r} has no readable frame")
+  clip = np.stack([frames[t] for t in valid])
+  clip_masks = np.stack([masks[t] for t in valid])
+  if train:
+    clip, clip_masks = transforms.train_transform(
+        clip, clip_masks, size, rng=rng, mode=data_config.get('train_resize', 'short_side_crop'),
+        hflip=bool(data_config.get('hflip', False)))
+  else:
+    clip, clip_masks = transforms.eval_transform(clip, clip_masks, size)
+  out_frames = np.zeros((num_frames, size, size, 3), np.uint8)
+  out_masks = np.zeros((num_frames, size, size), np.uint8)
+  out_frames[valid] = clip
+  out_masks[valid] = clip_masks
+  return {
+      'frames': out_frames,
+      'log_mel': np.asarray(record['log_mel'], np.float32),
+      'semantic': out_masks,
+      'gt_valid': gt_valid,
+      'frame_valid': frame_valid,
+  }
+
+
+class _DecodeTrain(grain.transforms.RandomMap):
+
+  def __init__(self, data_config):
+    self.data_config = data_config
+
+  def random_map(self, record, rng):
+    return decode_clip(record, self.data_config, train=True, rng=rng)
+
+
+class _DecodeEval(grain.transforms.Map):
+
+  def __init__(self, data_config):
+    self.data_config = data_config
+
+  def map(self, item):
+    record, valid = item
+    clip = decode_clip(record, self.data_config, train=False, rng=None)
+    clip['clip_valid'] = np.asarray(valid, bool)
+    clip['index'] = np.asarray(item_index(record), np.int64)
+    return clip
+
+
+def item_index(record) -> int:
+  return int(record.get('_index', -1))
+
+
+def _read_options(data_config):
+  return grain.ReadOptions(num_threads=int(data_config.get('read_threads', 2)), prefetch_buffer_size=8)
+
+
+def make_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, split: str | None = None):
+  """Infinite, shuffled, checkpointable iterator of per-process batches."""
+  if global_batch_size % process_count:
+    raise ValueError(f'batch_size {global_batch_size} does not divide over {process_count} processes')
+  source = load_source(data_config, split or data_config.train_split)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.seed(seed).shuffle().repeat(None)
+  ds = ds.random_map(_DecodeTrain(data_config))
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return iter(ds.to_iter_dataset(_read_options(data_config)))
+
+
+def make_eval_iterator(data_config, split: str, *, global_batch_size: int, process_index: int = 0,
+                       process_count: int = 1, limit: int | None = None):
+  """One pass over ``split``; every process yields the same number of batches; padding clips
+  carry ``clip_valid = False`` and ``index = -1``. Returns (iterator, number of real clips)."""
+  source = load_source(data_config, split)
+  total = len(source) if not limit else min(len(source), int(limit))
+  per_process = global_batch_size // process_count
+  if global_batch_size % process_count:
+    raise ValueError(f'eval batch_size {global_batch_size} does not divide over {process_count} processes')
+  steps = max(1, math.ceil(total / global_batch_size))
+  padded = steps * global_batch_size
+  indices = grain.MapDataset.range(padded)[process_index::process_count]
+
+  def fetch(i):
+    i = int(i)
+    record = dict(source[i if i < total else 0])
+    record['_index'] = i if i < total else -1
+    return record, i < total
+
+  ds = indices.map(fetch).map(_DecodeEval(data_config)).batch(per_process, drop_remainder=True)
+  logging.info('eval %s: %d clips in %d batches of %d', split, total, steps, global_batch_size)
+  return iter(ds.to_iter_dataset(_read_options(data_config))), total
+
+
+def device_batch(batch: dict) -> dict:
+  """The keys the jitted steps consume (host-only keys such as clip ids stay behind)."""
+  return {k: v for k, v in batch.items() if k in DEVICE_KEYS or k == 'clip_valid'}

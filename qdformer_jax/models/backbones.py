@@ -1,0 +1,74 @@
+"""Visual backbone factory: `build_backbone(config, rngs)`.
+
+`config` is any object with attribute (or mapping) access, e.g. an `ml_collections.ConfigDict`:
+  name           one of resnet18, resnet34, resnet50, resnet101, swin_t, swin_s, swin_b
+  width          ResNet base width (default 64); small values (16-32) build tiny test models
+  frozen_stages  -1 none, 0 stem/patch-embed, k: stem + first k stages (default 1)
+  dtype          compute dtype, 'float32' | 'bfloat16' or a jnp dtype (default float32);
+                 parameters are always float32
+Optional Swin overrides (tiny synthetic models): embed_dim, depths, num_heads, window_size.
+
+Every backbone returns [C2, C3, C4, C5] NHWC (strides 4..32), has `.out_channels` (4 ints) and
+`.frozen_param_filter(prefix)` (see `qdformer_jax.models.resnet` for how to use it in an optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from qdformer_jax.models.resnet import ResNet
+
+RESNET_NAMES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet101': 101}
+SWIN_NAMES = ('swin_t', 'swin_s', 'swin_b')
+BACKBONE_NAMES = tuple(RESNET_NAMES) + SWIN_NAMES
+
+
+def _field(config: Any, name: str, default: Any = None) -> Any:
+  """config.name or config[name], else default (None values also fall back to the default)."""
+  if isinstance(config, dict):
+    value = config.get(name, default)
+  else:
+    value = getattr(config, name, default)
+  return default if value is None else value
+
+
+def resolve_dtype(dtype: Any) -> Any:
+  """'float32' | 'bfloat16' | 'float16' | a jnp dtype -> the jnp dtype; anything else raises."""
+  names = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+  if isinstance(dtype, str):
+    if dtype not in names:
+      raise ValueError(f'backbone dtype must be one of {sorted(names)}, got {dtype!r}.')
+    return names[dtype]
+  return dtype
+
+
+def build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
+  """The visual backbone `config.name` describes (see module docstring for the fields)."""
+  name = _field(config, 'name')
+  if name not in BACKBONE_NAMES:
+    raise ValueError(f'backbone name must be one of {list(BACKBONE_NAMES)}, got {name!r} '
+                     '(config field model.backbone.name).')
+  dtype = resolve_dtype(_field(config, 'dtype', jnp.float32))
+  frozen_stages = int(_field(config, 'frozen_stages', 1))
+  if name in RESNET_NAMES:
+    return ResNet(RESNET_NAMES[name], width=int(_field(config, 'width', 64)),
+                  frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+  from qdformer_jax.models.swin import SWIN_SPECS, SwinTransformer
+  spec = dict(SWIN_SPECS[name])
+  for key in ('embed_dim', 'depths', 'num_heads', 'window_size'):
+    value = _field(config, key)
+    if value is not None:
+      spec[key] = tuple(value) if key in ('depths', 'num_heads') else int(value)
+  return SwinTransformer(**spec, frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+
+
+def frozen_param_filter(backbone: nnx.Module, prefix: tuple = ()) -> Callable[[tuple, Any], bool]:
+  """NNX filter matching the backbone's frozen `nnx.Param`s, `prefix` = its path in the model state.
+
+  Example: `trainable = nnx.All(nnx.Param, nnx.Not(frozen_param_filter(model.backbone, ('backbone',))))`
+  and `nnx.Optimizer(model, tx, wrt=trainable)`.
+  """
+  return backbone.frozen_param_filter(prefix)

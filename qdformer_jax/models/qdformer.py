@@ -1,0 +1,302 @@
+"""QDFormer (DESIGN.md §1): encoders, global decomposition, local calibration, mask decoding.
+
+Data flow for a batch of B clips of T frames (d = hidden_dim, N = num_queries, K = codebook_size):
+
+  frames ─ backbone ─ C2..C5 ─ input proj (+ extra level) ─ deformable encoder ─ F_v (L levels)
+  log-mel ─ audio encoder ─ Linear ─ F_a [B,T,d]
+  global fusion (Eq. 3):     F'_a = LN(FFN(h_a) + h_a),  h_a = LN(MCA(F_a, F_v^{stride 32}) + F_a)
+  global ASD (Eq. 4):        g_i = TrD_global(p_i | F'_a)                     [B,N,d]
+  shared codebook:           e_i = VQ(g_i), straight-through
+  AVSR (Eq. 5), every level: F'_v = BN(φ(w_1⊙F_v ⊕ … ⊕ w_N⊙F_v) + F_v),  w_i = MLP(e_i)
+  local ASD (Eq. 6):         l_{i,t} = TrD_local(p_i | f_{a,t}), VQ against sg(codebook)
+  FPN over F'_v and C2 ─ f_out at stride 4
+  TrD_segm per frame: queries = quantized local tokens of frame t, deformable cross-attention to F'_v(t)
+  heads per decoder layer: class / box / dynamic filter θ;  mask M = f_out ∗ θ (Eq. 7, CondInst)
+
+Ablation switches (paper Table 2): ``decomposition`` (False: the baseline whose decoder queries are
+prototypes plus the frame's audio feature), ``quantize``, ``avsr``, ``local_calibration``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qdformer_jax.models import modules
+from qdformer_jax.models.attention import TransformerDecoderLayer
+from qdformer_jax.models.audio import build_audio_encoder
+from qdformer_jax.models.backbones import build_backbone
+from qdformer_jax.models.deformable import DeformableDecoderLayer, DeformableEncoder, sine_position_embedding
+from qdformer_jax.models.quantizer import VectorQuantizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DYNAMIC_LAYERS = 3  # CondInst: (mask_dim + 2) -> c -> c -> 1
+
+
+def dtype_from_name(name: str):
+  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
+  return dtypes[name]
+
+
+class AVSR(nnx.Module):
+  """Audio-visual semantic recombination (Eq. 5) for one encoder level.
+
+  φ(w_1⊙F ⊕ … ⊕ w_N⊙F) with φ a 1×1 conv N·d→d equals F · (Σ_i diag(w_i) W_i): the per-clip
+  [d, d] matrix is formed once, so the N-fold concatenation is never materialised.
+  """
+
+  def __init__(self, dim: int, num_tokens: int, *, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    self.phi = nnx.Param(init(rngs.params(), (num_tokens * dim, dim)).reshape(num_tokens, dim, dim))
+    self.phi_bias = nnx.Param(jnp.zeros((dim,)))
+    self.norm = nnx.BatchNorm(dim, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, feature, weights, *, train: bool):
+    """feature [B,T,h,w,d], weights [B,N,d] -> [B,T,h,w,d]."""
+    mix = jnp.einsum('bnc,ncd->bcd', weights.astype(jnp.float32), self.phi[...]).astype(self.dtype)
+    y = jnp.einsum('bthwc,bcd->bthwd', feature.astype(self.dtype), mix) + self.phi_bias[...].astype(self.dtype)
+    return self.norm(y + feature, use_running_average=not train)
+
+
+class GlobalFusion(nnx.Module):
+  """Eq. 3: audio tokens attend to the clip's visual tokens; residual + LN, FFN + residual + LN."""
+
+  def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, *, dtype, rngs: nnx.Rngs):
+    self.attn = nnx.MultiHeadAttention(heads, dim, dtype=dtype, decode=False, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.ffn = modules.MLP(dim, ffn_dim, dim, 2, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, audio, audio_pos, visual, visual_pos, visual_mask, *, train: bool):
+    mask = visual_mask[:, None, None, :]
+    h = self.attn(audio + audio_pos, visual + visual_pos, visual, mask=mask, deterministic=not train)
+    h = self.norm1(audio + self.dropout(h, deterministic=not train))
+    return self.norm2(h + self.dropout(self.ffn(h), deterministic=not train))
+
+
+class SemanticDecoder(nnx.Module):
+  """Audio semantic decoder (Fig. 4a): the N prototypes query audio features (Eq. 4 and 6)."""
+
+  def __init__(self, num_layers: int, dim: int, heads: int, ffn_dim: int, dropout: float, *, dtype,
+               rngs: nnx.Rngs):
+    self.layers = nnx.List([TransformerDecoderLayer(dim, heads, ffn_dim, dropout, rngs=rngs, dtype=dtype)
+                            for _ in range(num_layers)])
+
+  def __call__(self, prototypes, memory, memory_pos, memory_mask, *, train: bool):
+    tgt = prototypes
+    for layer in self.layers:
+      tgt = layer(tgt, memory, query_pos=None, memory_pos=memory_pos, memory_mask=memory_mask,
+                  deterministic=not train)
+    return tgt
+
+
+class FPN(nnx.Module):
+  """Top-down FPN over the (AVSR-modulated) encoder levels at strides 8, 16, 32 and backbone C2."""
+
+  def __init__(self, dim: int, c2_channels: int, mask_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.laterals = nnx.List([modules.ConvGN(dim, dim, 1, dtype=dtype, rngs=rngs) for _ in range(2)]
+                             + [modules.ConvGN(c2_channels, dim, 1, dtype=dtype, rngs=rngs)])
+    self.outputs = nnx.List([modules.ConvGN(dim, dim, 3, relu=True, dtype=dtype, rngs=rngs) for _ in range(3)])
+    self.head = nnx.Conv(dim, mask_dim, (1, 1), dtype=dtype, rngs=rngs)
+
+  def __call__(self, levels, c2):
+    """levels: [stride 8, stride 16, stride 32] maps [M,h,w,d]; c2 [M,H/4,W/4,c] -> [M,H/4,W/4,mask_dim]."""
+    y = levels[2]
+    for lateral, output, skip in zip(self.laterals, self.outputs, (levels[1], levels[0], c2)):
+      y = jax.image.resize(y, skip.shape[:3] + y.shape[3:], 'nearest')
+      y = output(lateral(skip) + y)
+    return self.head(y)
+
+
+def dynamic_mask(features, params, centers, channels: int):
+  """Eq. 7, CondInst: three 1×1 layers with per-query weights over [features, relative coords].
+
+  features [M,h,w,D], params [M,N,P] (P = (D+2)c + c + c² + c + c + 1), centers [M,N,2] (x, y in [0,1])
+  -> mask logits [M,N,h,w].
+  """
+  m, h, w, d = features.shape
+  c = channels
+  sizes = [(d + 2) * c, c, c * c, c, c, 1]
+  splits = np.cumsum(sizes)[:-1].tolist()
+  w1, b1, w2, b2, w3, b3 = jnp.split(params, splits, axis=-1)
+  w1 = w1.reshape(m, -1, d + 2, c)
+  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+  rel_x = xs[None, None, None, :] - centers[..., 0, None, None]  # [M,N,1,w]
+  rel_y = ys[None, None, :, None] - centers[..., 1, None, None]  # [M,N,h,1]
+  x = jnp.einsum('mhwd,mndc->mnhwc', features, w1[:, :, :d].astype(features.dtype))
+  x = x + rel_x[..., None] * w1[:, :, None, None, d] + rel_y[..., None] * w1[:, :, None, None, d + 1]
+  x = jax.nn.relu(x + b1[:, :, None, None, :])
+  x = jax.nn.relu(jnp.einsum('mnhwc,mnce->mnhwe', x, w2.reshape(m, -1, c, c)) + b2[:, :, None, None, :])
+  x = jnp.einsum('mnhwc,mnc->mnhw', x, w3) + b3[..., None]
+  return x
+
+
+class QDFormer(nnx.Module):
+  """The whole model; ``__call__(frames uint8 [B,T,H,W,3], log_mel [B,T,96,64], frame_valid)``."""
+
+  def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
+    cfg = config
+    dtype = dtype_from_name(cfg.dtype)
+    d, n = cfg.hidden_dim, cfg.num_queries
+    self.config = cfg
+    self.dtype = dtype
+    self.num_classes = num_classes
+    self.backbone = build_backbone(cfg.backbone, rngs)
+    chans = self.backbone.out_channels
+    self.num_levels = cfg.num_feature_levels
+    projections = [modules.ConvGN(c, d, 1, dtype=dtype, rngs=rngs) for c in chans[1:]]
+    for i in range(self.num_levels - 3):
+      projections.append(modules.ConvGN(chans[-1] if i == 0 else d, d, 3, 2, dtype=dtype, rngs=rngs))
+    self.input_proj = nnx.List(projections)
+    enc = cfg.encoder
+    self.encoder = DeformableEncoder(enc.layers, d, enc.heads, enc.points, self.num_levels, enc.ffn_dim,
+                                     enc.dropout, rngs=rngs, dtype=dtype)
+    self.audio_encoder = build_audio_encoder(cfg.audio, dtype=dtype, rngs=rngs)
+    self.audio_proj = nnx.Linear(128, d, dtype=dtype, rngs=rngs)
+    self.fusion = GlobalFusion(d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype, rngs=rngs)
+    self.prototypes = nnx.Param(jax.random.normal(rngs.params(), (n, d)) * 0.02)
+    self.global_asd = SemanticDecoder(cfg.asd_layers, d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype,
+                                      rngs=rngs)
+    self.local_asd = SemanticDecoder(cfg.asd_layers, d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype,
+                                     rngs=rngs)
+    self.quantizer = VectorQuantizer(cfg.codebook_size, d, rngs=rngs)
+    self.avsr_weights = modules.MLP(d, d, d, 2, dtype=dtype, rngs=rngs)
+    self.avsr = nnx.List([AVSR(d, n, dtype=dtype, rngs=rngs) for _ in range(self.num_levels)])
+    self.baseline_audio_query = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
+    self.fpn = FPN(d, chans[0], cfg.mask_dim, dtype=dtype, rngs=rngs)
+    self.query_pos = nnx.Param(jax.random.normal(rngs.params(), (n, d)))
+    self.reference_points = nnx.Linear(d, 2, dtype=dtype, rngs=rngs)
+    self.decoder = nnx.List([
+        DeformableDecoderLayer(d, cfg.heads, cfg.decoder_points, self.num_levels, cfg.ffn_dim, cfg.dropout,
+                               rngs=rngs, dtype=dtype) for _ in range(cfg.dec_layers)])
+    self.decoder_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
+    self.class_head = modules.MLP(d, d, num_classes, 2, dtype=dtype, rngs=rngs)
+    self.box_head = modules.MLP(d, d, 4, 2, dtype=dtype, rngs=rngs, last_init=nnx.initializers.zeros)
+    c = cfg.dynamic_channels
+    num_filter_params = (cfg.mask_dim + 2) * c + c + c * c + c + c + 1
+    self.filter_head = modules.MLP(d, d, num_filter_params, 2, dtype=dtype, rngs=rngs)
+
+  # -- stages -------------------------------------------------------------------------------------
+
+  def encode_visual(self, frames, *, train: bool):
+    b, t, h, w, _ = frames.shape
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+    x = ((frames.astype(jnp.float32) - mean) / std).astype(self.dtype).reshape(b * t, h, w, 3)
+    feats = self.backbone(x)
+    srcs = [proj(f) for proj, f in zip(self.input_proj[:3], feats[1:])]
+    extra = feats[-1]
+    for proj in self.input_proj[3:]:
+      extra = proj(extra)
+      srcs.append(extra)
+    memory = self.encoder(srcs, deterministic=not train)
+    return feats[0], memory
+
+  def encode_audio(self, log_mel):
+    b, t = log_mel.shape[:2]
+    emb = self.audio_encoder(log_mel.reshape(b * t, *log_mel.shape[2:]).astype(self.dtype))
+    if not self.config.audio.trainable:
+      emb = jax.lax.stop_gradient(emb)
+    return self.audio_proj(emb).reshape(b, t, -1)
+
+  def __call__(self, frames, log_mel, frame_valid=None, *, train: bool = False):
+    cfg = self.config
+    b, t, h, w, _ = frames.shape
+    n, d = cfg.num_queries, cfg.hidden_dim
+    if frame_valid is None:
+      frame_valid = jnp.ones((b, t), bool)
+    c2, memory = self.encode_visual(frames, train=train)
+    audio = self.encode_audio(log_mel)                                   # F_a [B,T,d]
+    audio_pos = modules.sine_embedding_1d(t, d).astype(self.dtype)[None]
+    prototypes = jnp.broadcast_to(self.prototypes[...].astype(self.dtype), (b, n, d))
+
+    vq = None
+    if cfg.decomposition:
+      # Eq. 3: global fusion with the stride-32 level of all T frames.
+      level = memory[2]
+      lh, lw = level.shape[1:3]
+      visual = level.reshape(b, t * lh * lw, d)
+      visual_pos = jnp.broadcast_to(sine_position_embedding(lh, lw, d).astype(self.dtype)[None, None],
+                                    (b, t, lh, lw, d)).reshape(b, t * lh * lw, d)
+      visual_mask = jnp.repeat(frame_valid, lh * lw, axis=1)
+      fused = self.fusion(audio, audio_pos, visual, visual_pos, visual_mask, train=train)
+      # Eq. 4: global semantic tokens, quantized with the shared codebook.
+      g = self.global_asd(prototypes, fused, audio_pos, frame_valid, train=train)
+      if cfg.quantize:
+        gq = self.quantizer(g)
+        e = gq['quantized']
+      else:
+        e = g
+      # Eq. 5: AVSR at every encoder level.
+      if cfg.avsr:
+        w_tokens = self.avsr_weights(e if cfg.avsr_input == 'quantized' else g)
+        memory = [avsr(m.reshape(b, t, *m.shape[1:]), w_tokens, train=train).reshape(m.shape)
+                  for avsr, m in zip(self.avsr, memory)]
+      # Eq. 6: local tokens per frame from the frame's audio feature, committed to the frozen codebook.
+      if cfg.local_calibration:
+        frame_audio = audio.reshape(b * t, 1, d)
+        local = self.local_asd(jnp.repeat(prototypes, t, axis=0), frame_audio, None, None, train=train)
+        local = local.reshape(b, t, n, d)
+        if cfg.quantize:
+          lq = self.quantizer(local, update_codebook=False)
+          queries = lq['quantized']
+        else:
+          queries = local
+      else:
+        queries = jnp.broadcast_to(e[:, None], (b, t, n, d))
+      if cfg.quantize:
+        vq = {'global_tokens': g, 'global_codes': gq['codes'], 'global_indices': gq['indices'],
+              'local_valid': frame_valid}
+        if cfg.local_calibration:
+          vq.update(local_tokens=local, local_codes=lq['codes'], local_indices=lq['indices'])
+    else:
+      # Table 2 baseline: no decomposition; the queries are the prototypes conditioned on the frame's audio.
+      queries = prototypes[:, None] + self.baseline_audio_query(audio)[:, :, None, :]
+
+    mask_features = self.fpn(memory[:3], c2)                             # [BT,H/4,W/4,mask_dim]
+    outputs = self.decode(queries.reshape(b * t, n, d), memory, mask_features, train=train)
+    outputs = jax.tree.map(lambda x: x.reshape(b, t, *x.shape[1:]).astype(jnp.float32), outputs)
+    final = outputs[-1]
+    final['aux_outputs'] = tuple(outputs[:-1])
+    final['vq'] = vq
+    return final
+
+  def decode(self, queries, memory, mask_features, *, train: bool):
+    """TrD_segm + heads for M = B·T frames; returns a list (one per decoder layer) of output dicts."""
+    m, n, d = queries.shape
+    shapes = tuple((x.shape[1], x.shape[2]) for x in memory)
+    flat = jnp.concatenate([x.reshape(m, -1, d) for x in memory], axis=1)
+    query_pos = jnp.broadcast_to(self.query_pos[...].astype(self.dtype), (m, n, d))
+    reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))   # [M,N,2]
+    reference_levels = jnp.broadcast_to(reference[:, :, None, :], (m, n, len(shapes), 2))
+    tgt = queries
+    outputs = []
+    for layer in self.decoder:
+      tgt = layer(tgt, query_pos, reference_levels, flat, shapes, deterministic=not train)
+      hs = self.decoder_norm(tgt)
+      logits = self.class_head(hs).astype(jnp.float32)
+      box = self.box_head(hs).astype(jnp.float32)
+      box = jax.nn.sigmoid(box.at[..., :2].add(modules.inverse_sigmoid(reference)))
+      filters = self.filter_head(hs).astype(jnp.float32)
+      masks = dynamic_mask(mask_features.astype(jnp.float32), filters, box[..., :2], self.config.dynamic_channels)
+      outputs.append({'pred_logits': logits, 'pred_boxes': box, 'pred_masks': masks})
+    return outputs
+
+
+def build_model(config, rngs_or_seed, num_classes: int | None = None) -> QDFormer:
+  """The model a config describes. ``config`` is the full config (uses config.model and
+  config.data.num_classes) or a model config with ``num_classes`` given."""
+  rngs = rngs_or_seed if isinstance(rngs_or_seed, nnx.Rngs) else nnx.Rngs(int(rngs_or_seed))
+  if 'model' in config:
+    num_classes = config.data.num_classes if num_classes is None else num_classes
+    config = config.model
+  if num_classes is None:
+    raise ValueError('build_model needs num_classes when given a model config alone')
+  return QDFormer(config, num_classes, rngs=rngs)

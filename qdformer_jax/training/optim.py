@@ -1,0 +1,51 @@
+"""Optimizer of DESIGN.md §6: AdamW, backbone lr × 0.5, step decay, global-norm clipping.
+
+Which parameters train is decided by an NNX filter (``trainable_filter``): every ``nnx.Param`` except
+the backbone's frozen stages (frozen BatchNorm values are not Params at all). The backbone's lower
+learning rate is an optax ``multi_transform`` over the path of each parameter.
+"""
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+from qdformer_jax.models.backbones import frozen_param_filter
+
+
+def total_and_drop_steps(config, steps_per_epoch: int) -> tuple[int, tuple[int, ...]]:
+  """``total_steps``/``lr_drop_steps`` when set, else derived from ``num_epochs``/``lr_drop_epochs``."""
+  if config.total_steps > 0:
+    return int(config.total_steps), tuple(int(s) for s in config.lr_drop_steps)
+  total = int(config.num_epochs) * steps_per_epoch
+  return total, tuple(int(e) * steps_per_epoch for e in config.lr_drop_epochs)
+
+
+def learning_rate_schedule(base_lr: float, drop_steps, decay: float, warmup_steps: int = 0):
+  schedule = optax.piecewise_constant_schedule(base_lr, {int(s): decay for s in drop_steps})
+  if warmup_steps > 0:
+    warmup = optax.linear_schedule(base_lr * 1e-3, base_lr, warmup_steps)
+    schedule = optax.join_schedules([warmup, schedule], [warmup_steps])
+  return schedule
+
+
+def trainable_filter(model) -> nnx.filterlib.Filter:
+  return nnx.All(nnx.Param, nnx.Not(frozen_param_filter(model.backbone, ('backbone',))))
+
+
+def _labels(params):
+  def label(path, _):
+    first = getattr(path[0], 'key', getattr(path[0], 'name', None))
+    return 'backbone' if first == 'backbone' else 'head'
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(model, optim_config, drop_steps) -> nnx.Optimizer:
+  cfg = optim_config
+  def adamw(mult):
+    schedule = learning_rate_schedule(cfg.learning_rate * mult, drop_steps, cfg.decay_factor, cfg.warmup_steps)
+    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.multi_transform({'backbone': adamw(cfg.backbone_lr_mult), 'head': adamw(1.0)}, _labels))
+  return nnx.Optimizer(model, tx, wrt=trainable_filter(model))
