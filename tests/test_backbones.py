@@ -1,10 +1,8 @@
-"""Backbones: parameter counts, shapes, freezing, and numerical parity with PyTorch references.
+"""Backbones: parameter counts (against torchvision / transformers / torchvggish), output shapes,
+frozen BatchNorm variables, stage freezing (zero gradients + optimizer filter), the Swin attention
+mask (against a transcription of the reference's slice construction), `build_backbone`.
 
-References (random weights, no downloads): transformers' `ResNetModel` (torchvision layout:
-stride on the 3x3 conv of bottlenecks), transformers' `SwinBackbone` (the detection variant: one
-LayerNorm per output stage), torchvggish's `VGG(make_layers())`. The torch weights go through our
-converters (`qdformer_jax.convert`), so these tests check converter and module together.
-Tolerance: max |jax - torch| <= 1e-4 * max |torch| per output map (float32; measured ~1e-6).
+Numerical parity with the PyTorch references is in tests/test_convert.py (it needs the converters).
 """
 
 from __future__ import annotations
@@ -18,37 +16,8 @@ from flax import nnx
 from qdformer_jax.models.backbones import build_backbone, frozen_param_filter
 from qdformer_jax.models.layers import FrozenAffine, FrozenStat, count_params
 from qdformer_jax.models.resnet import ResNet
+from qdformer_jax.models.swin import SWIN_SPECS, SwinTransformer, shifted_window_mask
 from qdformer_jax.models.vggish import VGGish
-
-REL_TOL = 1e-4
-
-
-def _assert_close(ours, ref, what):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-  err = np.abs(ours - ref).max()
-  scale = np.abs(ref).max()
-  assert err <= REL_TOL * scale, f'{what}: max abs err {err:.3g} vs max |ref| {scale:.3g}'
-
-
-def _randomize_torch(model, seed=0):
-  """Random weights and BatchNorm statistics (positive variances) so every code path matters."""
-  import torch
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, t in model.state_dict().items():
-      if not t.dtype.is_floating_point:
-        continue
-      if name.endswith('running_var'):
-        t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-      elif t.ndim == 1 and name.endswith('weight'):
-        t.copy_(torch.rand(t.shape, generator=gen) * 0.5 + 0.5)
-      elif t.ndim == 1:
-        t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-      else:
-        fan_in = t[0].numel() if t.ndim > 1 else 1
-        t.copy_(torch.randn(t.shape, generator=gen) * (1.0 / fan_in) ** 0.5)
-  return model.eval()
 
 
 def _random_module(factory, seed=0):
@@ -70,10 +39,6 @@ def _random_module(factory, seed=0):
       value = rng.normal(0, (1.0 / np.prod(shape[:-1])) ** 0.5, shape)
     arrays[path_key(path)] = value.astype(np.float32)
   return fill_module(abstract, arrays, 'random test weights')
-
-
-def _state_dict_numpy(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 # ---------------------------------------------------------------- parameter counts (no allocation)
@@ -98,6 +63,24 @@ def test_vggish_param_count_matches_torchvggish():
   with torch.device('meta'):
     ref = torchvggish.VGG(torchvggish.make_layers(), False)
   assert n == sum(p.numel() for p in ref.parameters())
+
+
+def test_swin_t_param_count_matches_transformers():
+  # Trunk = patch_embed + 4 stages (blocks + 3 patch mergings) + 4 output LayerNorms (norm0..3):
+  # transformers SwinModel(add_pooling_layer=False) 27,519,354 - its final LayerNorm (1,536)
+  # + output norms 2*(96+192+384+768) = 27,520,698 (= SwinBackbone minus its unused final norm).
+  model = nnx.eval_shape(lambda: SwinTransformer(**SWIN_SPECS['swin_t'], rngs=nnx.Rngs(0)))
+  n = count_params(model)
+  print(f'Swin-T trunk params: {n:,}')
+  assert n == 27_520_698
+  assert model.out_channels == (96, 192, 384, 768)
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  config = transformers.SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                   window_size=7)
+  with torch.device('meta'):
+    ref = transformers.SwinModel(config, add_pooling_layer=False)
+  assert sum(p.numel() for p in ref.parameters()) == n - 2 * (96 + 192 + 384 + 768) + 2 * 768
 
 
 # ---------------------------------------------------------------- ResNet behaviour
@@ -155,37 +138,50 @@ def test_build_backbone_dispatch_and_dtype():
     build_backbone({'name': 'resnet42'}, nnx.Rngs(0))
 
 
-# ---------------------------------------------------------------- parity with PyTorch
+# ---------------------------------------------------------------- Swin behaviour
 
-@pytest.mark.parametrize('depth', [18, 50])
-def test_resnet_parity_with_transformers(depth):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
-  from qdformer_jax.convert.resnet import convert_resnet
-  width, kind, depths = {18: (16, 'basic', [2, 2, 2, 2]), 50: (16, 'bottleneck', [3, 4, 6, 3])}[depth]
-  expansion = 1 if kind == 'basic' else 4
-  config = transformers.ResNetConfig(embedding_size=width, layer_type=kind, depths=depths,
-                                     hidden_sizes=[width * expansion * 2 ** i for i in range(4)])
-  ref = _randomize_torch(transformers.ResNetModel(config), seed=depth)
-  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-  with torch.no_grad():
-    expected = ref(x, output_hidden_states=True).hidden_states[1:]
-  model = convert_resnet(_state_dict_numpy(ref), depth)
-  feats = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
-  for level, (ours, theirs) in enumerate(zip(feats, expected)):
-    _assert_close(ours, theirs.permute(0, 2, 3, 1).numpy(), f'ResNet-{depth} C{level + 2}')
+def _reference_swin_mask(hp, wp, window, shift):
+  """The official code's construction: label 9 slice regions, partition, compare labels."""
+  img = np.zeros((hp, wp))
+  count = 0
+  for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+    for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+      img[hs, ws] = count
+      count += 1
+  win = img.reshape(hp // window, window, wp // window, window).transpose(0, 2, 1, 3)
+  win = win.reshape(-1, window * window)
+  diff = win[:, None, :] - win[:, :, None]
+  return np.where(diff != 0, -100.0, 0.0)
 
 
-def test_vggish_parity_with_torchvggish():
-  torch = pytest.importorskip('torch')
-  torchvggish = pytest.importorskip('torchvggish')
-  from qdformer_jax.convert.vggish import convert_vggish
-  ref = _randomize_torch(torchvggish.VGG(torchvggish.make_layers(), False), seed=3)
-  x = torch.randn(2, 1, 96, 64, generator=torch.Generator().manual_seed(0))
-  with torch.no_grad():
-    expected = ref(x).numpy()
-  model = convert_vggish(_state_dict_numpy(ref))
-  ours = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x[:, 0].numpy()))
-  assert ours.shape == (2, 128)
-  assert np.abs(expected).max() > 0  # the final ReLU leaves some positive outputs
-  _assert_close(ours, expected, 'VGGish embedding')
+@pytest.mark.parametrize('hp,wp,window', [(14, 14, 7), (7, 14, 7), (8, 6, 2)])
+def test_shifted_window_mask_matches_reference_construction(hp, wp, window):
+  np.testing.assert_array_equal(shifted_window_mask(hp, wp, window, window // 2),
+                                _reference_swin_mask(hp, wp, window, window // 2))
+
+
+def _tiny_swin_config(**over):
+  config = {'name': 'swin_t', 'embed_dim': 8, 'depths': (2, 2, 2, 2), 'num_heads': (1, 1, 2, 2),
+            'window_size': 7, 'frozen_stages': 1}
+  config.update(over)
+  return config
+
+
+def test_swin_shapes_any_size_and_freezing():
+  config = _tiny_swin_config(depths=(2, 1, 1, 1))
+  model = _random_module(lambda: build_backbone(config, nnx.Rngs(0)))
+  assert isinstance(model, SwinTransformer) and model.out_channels == (8, 16, 32, 64)
+  x = jax.random.normal(jax.random.key(0), (1, 64, 100, 3))  # 100 is not a multiple of 32
+
+  def loss(m):
+    feats = m(x)
+    return sum(jnp.sum(f ** 2) for f in feats), feats
+
+  grads, feats = nnx.jit(nnx.grad(loss, has_aux=True))(model)
+  assert [f.shape for f in feats] == [(1, 16, 25, 8), (1, 8, 13, 16), (1, 4, 7, 32), (1, 2, 4, 64)]
+  assert all(np.isfinite(np.asarray(f)).all() for f in feats)
+  flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+  frozen = {p for p, _ in nnx.to_flat_state(nnx.state(model, frozen_param_filter(model)))}
+  assert frozen == {p for p in flat if p[0] == 'patch_embed' or p[:2] == ('layers', 0)}
+  for path, g in flat.items():
+    assert np.any(g) != (path in frozen), path

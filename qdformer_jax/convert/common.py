@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization, traverse_util
 
@@ -110,7 +111,9 @@ def fill_module(module: nnx.Module, arrays: Mapping[str, np.ndarray], source: st
   """Returns `module` (abstract from `nnx.eval_shape` or concrete) with every variable set from `arrays`.
 
   `arrays` maps `path_key`s to arrays; every variable of the module must be present with its exact
-  shape and no extra key may be left over, else ValueError naming `source` and the keys.
+  shape and no extra key may be left over, else ValueError naming `source` and the keys. Values
+  become JAX arrays of the variable's dtype on the default device (re-shard them afterwards when
+  the module lives on a mesh).
   """
   graphdef, state = nnx.split(module)
   flat = list(nnx.to_flat_state(state))
@@ -128,14 +131,16 @@ def fill_module(module: nnx.Module, arrays: Mapping[str, np.ndarray], source: st
       lines.append(f'  shape of {k}: file {tuple(arrays[k].shape)} vs module {expected[k]}')
     lines.append('  Check the architecture / size options match the converted checkpoint.')
     raise ValueError('\n'.join(lines))
-  pure = {tuple(p): np.asarray(arrays[path_key(p)], dtype=np.dtype(v.dtype)) for p, v in flat}
+  pure = {tuple(p): jnp.asarray(np.asarray(arrays[path_key(p)], dtype=np.dtype(v.dtype)))
+          for p, v in flat}
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure))
   return nnx.merge(graphdef, state)
 
 
 def save_converted(module: nnx.Module, out_dir: str, *, arch: str, source: str,
-                   module_kwargs: Mapping[str, Any] | None = None) -> str:
-  """Writes the module's state to `out_dir` (weights.msgpack + meta.json); returns out_dir."""
+                   module_kwargs: Mapping[str, Any] | None = None,
+                   notes: Iterable[str] = ()) -> dict[str, Any]:
+  """Writes the module's state to `out_dir` (weights.msgpack + meta.json); returns the meta dict."""
   os.makedirs(out_dir, exist_ok=True)
   flat = {path_key(p): np.asarray(jax.device_get(v[...]))
           for p, v in nnx.to_flat_state(nnx.state(module))}
@@ -144,10 +149,10 @@ def save_converted(module: nnx.Module, out_dir: str, *, arch: str, source: str,
     f.write(serialization.msgpack_serialize(flat))
   os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
   meta = {'arch': arch, 'source': os.path.abspath(source), 'params': count_params(module),
-          'module_kwargs': dict(module_kwargs or {})}
+          'module_kwargs': dict(module_kwargs or {}), 'notes': list(notes)}
   with open(os.path.join(out_dir, META_FILE), 'w') as f:
     json.dump(meta, f, indent=2)
-  return out_dir
+  return meta
 
 
 def read_converted(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -73,7 +73,9 @@ def _torchvision_rename(key: str, value: np.ndarray):
 def torchvision_arrays(state_dict: Mapping[str, np.ndarray], source: str = 'state_dict'
                        ) -> dict[str, np.ndarray]:
   """Any supported ResNet state_dict (torchvision or HF naming, wrapped or not) -> NNX path arrays."""
-  sd = strip_prefixes(state_dict, ('module.', 'backbone.body.', 'backbone.', 'resnet.'))
+  sd = {k: v for k, v in state_dict.items() if not k.startswith(('fc.', 'classifier.'))}
+  sd = strip_prefixes(sd, ('module.', 'backbone.body.', 'backbone.'))
+  sd = {(k[len('resnet.'):] if k.startswith('resnet.') else k): v for k, v in sd.items()}
   if is_hf_naming(sd):
     sd = hf_to_torchvision(sd)
   return rename_all(sd, _torchvision_rename, source)

@@ -6,7 +6,8 @@
   frozen_stages  -1 none, 0 stem/patch-embed, k: stem + first k stages (default 1)
   dtype          compute dtype, 'float32' | 'bfloat16' or a jnp dtype (default float32);
                  parameters are always float32
-Optional Swin overrides (tiny synthetic models): embed_dim, depths, num_heads, window_size.
+Optional Swin fields: drop_path_rate (stochastic depth, default 0; needs a 'dropout' RNG stream)
+and, for tiny synthetic models, embed_dim, depths, num_heads, window_size.
 
 Every backbone returns [C2, C3, C4, C5] NHWC (strides 4..32), has `.out_channels` (4 ints) and
 `.frozen_param_filter(prefix)` (see `qdformer_jax.models.resnet` for how to use it in an optimizer).
@@ -62,7 +63,8 @@ def build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
     value = _field(config, key)
     if value is not None:
       spec[key] = tuple(value) if key in ('depths', 'num_heads') else int(value)
-  return SwinTransformer(**spec, frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+  return SwinTransformer(**spec, drop_path_rate=float(_field(config, 'drop_path_rate', 0.0)),
+                         frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
 
 
 def frozen_param_filter(backbone: nnx.Module, prefix: tuple = ()) -> Callable[[tuple, Any], bool]:
