@@ -158,22 +158,26 @@ def test_msdeformattn_init_and_matches_torch():
   s = sum(h * w for h, w in shapes)
   query = rng.standard_normal((2, 7, d)).astype(np.float32)
   ref_pts = rng.uniform(0, 1, (2, 7, levels, 2)).astype(np.float32)
+  ref_boxes = np.concatenate([ref_pts, rng.uniform(0.1, 0.5, (2, 7, levels, 2))], -1).astype(np.float32)
   src = rng.standard_normal((2, s, d)).astype(np.float32)
   pad = rng.uniform(size=(2, s)) < 0.2
-  out = nnx.jit(lambda a, *x: a(*x[:3], shapes, x[3]))(
-      attn, jnp.asarray(query), jnp.asarray(ref_pts), jnp.asarray(src), jnp.asarray(pad))
+  run = nnx.jit(lambda a, *x: a(*x[:3], shapes, x[3]))
 
-  tq, tr, ts = torch.tensor(query), torch.tensor(ref_pts), torch.tensor(src)
+  tq, ts = torch.tensor(query), torch.tensor(src)
   value = torch_linear(ts, attn.value_proj).masked_fill(torch.tensor(pad)[..., None], 0.0)
   value = value.view(2, s, heads, d // heads)
   offsets = torch_linear(tq, attn.sampling_offsets).view(2, 7, heads, levels, points, 2)
   weights = torch_linear(tq, attn.attention_weights).view(2, 7, heads, levels * points)
   weights = weights.softmax(-1).view(2, 7, heads, levels, points)
   normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
-  loc = tr[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-  ref = torch_linear(torch_core(value, shapes, loc, weights), attn.output_proj)
-  err = rel_err(out, ref.detach().numpy())
-  assert err <= 1e-5, err  # measured ~2e-7
+  tr = torch.tensor(ref_pts)[:, :, None, :, None, :]
+  tb = torch.tensor(ref_boxes)[:, :, None, :, None, :]
+  for refs, loc in ((ref_pts, tr + offsets / normalizer[None, None, None, :, None, :]),
+                    (ref_boxes, tb[..., :2] + offsets / points * tb[..., 2:] * 0.5)):
+    out = run(attn, jnp.asarray(query), jnp.asarray(refs), jnp.asarray(src), jnp.asarray(pad))
+    ref = torch_linear(torch_core(value, shapes, loc, weights), attn.output_proj)
+    err = rel_err(out, ref.detach().numpy())
+    assert err <= 1e-5, err  # measured ~2e-7
 
 
 def test_multihead_attention_matches_torch():

@@ -92,15 +92,28 @@ def ms_deform_attn_core(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   index = start_b + jnp.clip(cy, 0, h_b - 1) * w_b + jnp.clip(cx, 0, w_b - 1)
   weight = jnp.where(inside, cw, 0.0) * attention_weights.astype(jnp.float32)[..., None]
 
-  # Gather per (batch, head): values [B*M, S, Dh], indices [B*M, Q*L*P*4].
+  # One gather per (batch, head) over all levels: values [B*M, S, Dh], index / weight [B*M, Q, K].
   k = n_levels * n_points * 4
   v_flat = jnp.transpose(value, (0, 2, 1, 3)).reshape(b * m, s, dh)
-  idx_flat = jnp.transpose(index, (0, 2, 1, 3, 4, 5)).reshape(b * m, q * k)
-  gathered = jax.vmap(lambda v, i: v.at[i].get(mode="promise_in_bounds"))(v_flat, idx_flat)
-  gathered = gathered.reshape(b, m, q, k, dh)
-  weight = jnp.transpose(weight, (0, 2, 1, 3, 4, 5)).reshape(b, m, q, k).astype(value.dtype)
-  out = jnp.einsum("bmqk,bmqkd->bqmd", weight, gathered, preferred_element_type=jnp.float32)
-  return out.reshape(b, q, m * dh).astype(value.dtype)
+  index = jnp.transpose(index, (0, 2, 1, 3, 4, 5)).reshape(b * m, q, k)
+  weight = jnp.transpose(weight, (0, 2, 1, 3, 4, 5)).reshape(b * m, q, k)
+  out = _gather_weighted_sum(v_flat, index, weight)  # [B*M, Q, Dh]
+  out = jnp.transpose(out.reshape(b, m, q, dh), (0, 2, 1, 3))
+  return out.reshape(b, q, m * dh)
+
+
+@jax.checkpoint
+def _gather_weighted_sum(values: jnp.ndarray, index: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+  """`out[n, q] = sum_k weight[n, q, k] * values[n, index[n, q, k]]` for values `[N,S,Dh]`, index
+  and weight `[N,Q,K]`; returns `[N,Q,Dh]` in the dtype of `values`.
+
+  Written as a gather, a product and a reduction (not a dot) so that XLA can fuse them without
+  storing the `[N,Q,K,Dh]` samples, and rematerialised in the backward pass (`jax.checkpoint`) so
+  that autodiff keeps only the inputs, not the samples, for the gradient.
+  """
+  gathered = jax.vmap(lambda v, i: v.at[i].get(mode="promise_in_bounds"))(values, index)
+  prod = gathered.astype(jnp.float32) * weight[..., None]
+  return jnp.sum(prod, axis=2).astype(values.dtype)
 
 
 def _grid_offset_bias(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
