@@ -3,9 +3,16 @@
 Optimality is checked by the total cost (ties may give different but equally good assignments),
 with a tolerance of 1e-5 relative for float costs (the solver runs in float32) and exact equality
 for integer costs. 1850 random matrices in all, batched so that each shape compiles once.
+The last test runs the matcher and the whole loss on a batch sharded over 8 fake CPU devices.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +20,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from qdformer_jax.losses.matching import hungarian
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One compiled batched solver shared by the tests (each new shape compiles once).
 _SOLVE = jax.jit(jax.vmap(hungarian))
@@ -109,3 +118,56 @@ def test_nonfinite_costs_still_give_an_assignment():
   for c in np.asarray(cols[:4]):
     assert sorted(c.tolist()) == [0, 1, 2, 3, 4]
   _assert_optimal(costs[4:], rows[4:], cols[4:])
+
+
+_SHARDED_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import jax, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    sys.path.insert(0, os.path.join(sys.argv[1], 'tests'))
+    from qdformer_jax.losses.matching import hungarian
+    from test_losses import FIXTURE_PROBLEM, loss_fn, random_problem
+    assert jax.device_count() == 8, jax.devices()
+    params, indices, batch = random_problem(**FIXTURE_PROBLEM)
+    costs = np.random.default_rng(0).uniform(size=(8, 5, 5)).astype(np.float32)
+    solve, loss = jax.jit(hungarian), jax.jit(loss_fn)
+    results = {'single': {'cols': np.asarray(solve(costs)[1]).tolist(),
+                          'loss': jax.tree.map(float, loss(params, indices, batch))}}
+    for mode in ('Explicit', 'Auto'):
+      mesh = jax.make_mesh((8,), ('data',), axis_types=(getattr(AxisType, mode),))
+      put = lambda spec: (lambda x: jax.device_put(x, NamedSharding(mesh, spec)))
+      results[mode] = {'cols': np.asarray(solve(put(P('data'))(costs))[1]).tolist()}
+    # The loss in the jax.make_mesh default mode (explicit axes).
+    mesh = jax.make_mesh((8,), ('data',))
+    put = lambda spec: (lambda x: jax.device_put(x, NamedSharding(mesh, spec)))
+    batch_axis = {'logits': 1, 'boxes': 1, 'masks': 1, 'codebook': None, 'g': 0, 'l': 0}
+    sharded_params = {k: put(P() if a is None else P(*[None] * a, 'data'))(v)
+                      for k, v in params.items() for a in [batch_axis[k]]}
+    sharded_batch = jax.tree.map(put(P('data')), batch)
+    assert len(sharded_batch['semantic'].sharding.device_set) == 8
+    results['default'] = {'loss': jax.tree.map(
+        float, loss(sharded_params, jax.tree.map(put(P('data')), indices), sharded_batch))}
+    print(json.dumps(results))
+''')
+
+
+def test_sharded_over_8_devices_equals_single_device():
+  """Matcher and loss on a batch split over 8 fake CPU devices equal the single-device results:
+  the same assignment (mesh axes explicit and auto), and for the loss (jax.make_mesh default mesh)
+  the loss and every term within 1e-5 relative, the normalisation summing over the global batch."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, REPO], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  single = results['single']
+  for mode in ('Explicit', 'Auto'):
+    assert results[mode]['cols'] == single['cols'], mode
+  loss, terms = single['loss']
+  sharded_loss, sharded_terms = results['default']['loss']
+  assert terms['num_target_frames'] > 0
+  np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)
+  assert set(sharded_terms) == set(terms)
+  for key, value in terms.items():
+    np.testing.assert_allclose(sharded_terms[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -52,6 +52,7 @@ class LossConfig:
   mask_loss: str = 'bce'
   quant_weight: float = 0.5
   commit_weight: float = 0.25
+  quant_reduction: str = 'sum'
   aux_loss: bool = True
 
 
@@ -74,6 +75,9 @@ def resolve_loss_config(loss_config: Any) -> LossConfig:
       elif hasattr(loss_config, field.name):
         values[field.name] = getattr(loss_config, field.name)
     resolved = LossConfig(**values)
+  if resolved.quant_reduction not in ('sum', 'mean'):
+    raise ValueError(f"loss_config.quant_reduction must be 'sum' or 'mean', got "
+                     f'{resolved.quant_reduction!r}.')
   if resolved.mask_loss not in ('bce', 'focal'):
     raise ValueError(f"loss_config.mask_loss must be 'bce' or 'focal', got "
                      f'{resolved.mask_loss!r}.')
@@ -119,7 +123,7 @@ def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def quantization_loss(vq: Mapping[str, jax.Array], commit_weight: float,
-                      local_valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      local_valid: jax.Array, reduction: str = 'sum') -> tuple[jax.Array, dict[str, jax.Array]]:
   """L_quant of Eq. 9, averaged over the clips of the batch.
 
   Per clip: Σ_i ‖e_i - sg[g_i]‖² + λ_com ‖sg[e_i] - g_i‖² + λ_com Σ_{valid t} ‖sg[VQ(l_it)] - l_it‖²
@@ -132,6 +136,10 @@ def quantization_loss(vq: Mapping[str, jax.Array], commit_weight: float,
       ``local_codes`` [B, T, N, d]).
     commit_weight: λ_com.
     local_valid: bool [B, T], the frames whose local tokens count.
+    reduction: 'sum' takes ‖·‖² literally (sum over the d channels); 'mean' divides it by d, as
+      PyTorch VQ code does with ``F.mse_loss`` (the same loss with λ_quant / d), which keeps the term
+      on the scale of the segmentation terms whatever d is. Without local tokens (no local
+      calibration) the third term is absent.
 
   Returns:
     (L_quant, diagnostics) with the batch means of Σ_i ‖e_i - g_i‖² (``vq_global_sqerr``) and
@@ -140,17 +148,22 @@ def quantization_loss(vq: Mapping[str, jax.Array], commit_weight: float,
   sg = jax.lax.stop_gradient
   g = vq['global_tokens'].astype(jnp.float32)
   e = vq['global_codes'].astype(jnp.float32)
-  l = vq['local_tokens'].astype(jnp.float32)
-  lq = vq['local_codes'].astype(jnp.float32)
-  if e.shape != g.shape or lq.shape != l.shape or l.shape[:2] != local_valid.shape:
+  has_local = vq.get('local_tokens') is not None
+  l = vq['local_tokens'].astype(jnp.float32) if has_local else None
+  lq = vq['local_codes'].astype(jnp.float32) if has_local else None
+  if e.shape != g.shape or (has_local and (lq.shape != l.shape or l.shape[:2] != local_valid.shape)):
     raise ValueError(f'vq: inconsistent shapes global_tokens {g.shape}, global_codes {e.shape}, '
-                     f'local_tokens {l.shape}, local_codes {lq.shape}, local_valid '
-                     f'{local_valid.shape}; expected [B,N,d], [B,N,d], [B,T,N,d], [B,T,N,d], '
-                     '[B,T].')
-  codebook_term = jnp.sum(jnp.square(e - sg(g)), axis=(1, 2))
-  global_commit = jnp.sum(jnp.square(sg(e) - g), axis=(1, 2))
-  local_sq = jnp.sum(jnp.square(sg(lq) - l), axis=(2, 3))  # [B, T]
-  local_commit = jnp.sum(jnp.where(local_valid, local_sq, 0.0), axis=1)
+                     f'local_tokens {None if l is None else l.shape}, local_codes '
+                     f'{None if lq is None else lq.shape}, local_valid {local_valid.shape}; '
+                     'expected [B,N,d], [B,N,d], [B,T,N,d], [B,T,N,d], [B,T].')
+  scale = 1.0 / g.shape[-1] if reduction == 'mean' else 1.0
+  codebook_term = scale * jnp.sum(jnp.square(e - sg(g)), axis=(1, 2))
+  global_commit = scale * jnp.sum(jnp.square(sg(e) - g), axis=(1, 2))
+  if has_local:
+    local_sq = scale * jnp.sum(jnp.square(sg(lq) - l), axis=(2, 3))  # [B, T]
+    local_commit = jnp.sum(jnp.where(local_valid, local_sq, 0.0), axis=1)
+  else:
+    local_commit = jnp.zeros_like(global_commit)
   total = jnp.mean(codebook_term + commit_weight * (global_commit + local_commit))
   return total, {'vq_global_sqerr': sg(jnp.mean(global_commit)),
                  'vq_local_sqerr': sg(jnp.mean(local_commit))}
@@ -285,7 +298,7 @@ def compute_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], loss_conf
   if vq is not None:
     local_valid = vq.get('local_valid', batch['frame_valid'])
     quant, diagnostics = quantization_loss(vq, config.commit_weight,
-                                           jnp.asarray(local_valid).astype(bool))
+                                           jnp.asarray(local_valid).astype(bool), config.quant_reduction)
     terms['loss_quant'] = weights['quant'] * quant
     terms.update(diagnostics)
 

@@ -48,8 +48,6 @@ def hungarian(cost) -> tuple[jax.Array, jax.Array]:
   cost = jnp.asarray(cost)
   if cost.ndim < 2:
     raise ValueError(f'hungarian: cost must have shape [..., n, m], got {cost.shape}.')
-  if not jnp.issubdtype(cost.dtype, jnp.floating):
-    cost = cost.astype(jnp.float32)
   cost = jax.lax.stop_gradient(cost.astype(jnp.promote_types(cost.dtype, jnp.float32)))
   cost = jnp.nan_to_num(cost, nan=_NONFINITE_COST, posinf=_NONFINITE_COST,
                         neginf=-_NONFINITE_COST)
