@@ -9,13 +9,14 @@ given) into a temporary TFDS dir, then times
 * ``direct``: one thread reading records from the ArrayRecord data source, decoding frames and
   masks (PIL) and applying the transforms (``qdformer_jax.data.transforms``), train (short side
   224 + centre crop + random flip) and eval (warp to 224x224);
-* ``pipeline``: the project's grain train iterator (``qdformer_jax.data.pipeline
-  .make_train_iterator``, its default read threads), batches of ``--batch`` clips, when that
-  module is present.
+* ``grain train``: the project's grain train iterator (``qdformer_jax.data.pipeline
+  .make_train_iterator``, 2 read threads, shuffled, random flips), batches of ``--batch`` clips,
+  when that module is present.
 
 Prints a table and a JSON line (also written to ``--json``). Frame sizes are those of the data
-read (the fixtures: S4 224x224 PNG; AVSS 224x224 JPEG for v1 clips, 90-160 px for v2 clips), so
-numbers on the real AVSS release, whose v2 frames are larger, will be lower.
+read (the fixtures: S4 224x224 PNG; AVSS 224x224 JPEG for v1 clips, 90-160 px for v2 clips; the
+``src px`` column), so numbers on the real AVSS release, with larger v2 frames, will be lower. The
+temporary dir is removed at the end.
 """
 from __future__ import annotations
 
@@ -159,38 +160,41 @@ def main(argv=None) -> dict:
   parser.add_argument('--seconds', type=float, default=8.0, help='timing window per measurement')
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--copies', type=int, default=30,
-                      help='fixture train splits are replicated this many times (ignored with real data)')
+                      help='copies of each fixture train clip (not used with real releases)')
   parser.add_argument('--json', help='also write the results here')
   args = parser.parse_args(argv)
 
   work = tempfile.mkdtemp(prefix='qdformer_bench_')
-  if not (args.raw_object and args.raw_semantic):
-    fake = fixtures.write_fixtures(Path(work) / 'raw')
-    replicate_train_clips(fake['avs_object'], fake['avs_semantic'], args.copies)
-  raw_object = args.raw_object or fake['avs_object']
-  raw_semantic = args.raw_semantic or fake['avs_semantic']
-  data_dir = os.path.join(work, 'tfds')
-  datasets = [
-      ('avs_object', 's4', 5, AvsObject(config='s4', data_dir=data_dir,
-                                        file_format='array_record', raw_dir=raw_object)),
-      ('avs_semantic', 'all', 10, AvsSemantic(config='all', data_dir=data_dir,
-                                              file_format='array_record', raw_dir=raw_semantic)),
-  ]
-  rows = []
-  load_before = os.getloadavg()[0]
-  for name, config, T, builder in datasets:
-    builder.download_and_prepare()
-  # Direct measurements first: a live grain iterator keeps prefetching in background threads.
-  for name, config, T, builder in datasets:
-    train, val = builder.as_data_source('train'), builder.as_data_source('val')
-    for mode, source, is_train in (('direct train', train, True), ('direct eval', val, False)):
-      result = time_direct(source, is_train, args.seconds)
-      rows.append({'dataset': f'{name}/{config}', 'T': T, 'mode': mode, **result})
-  for name, config, T, builder in datasets:
-    result = time_pipeline(name, config, data_dir, args.batch, args.seconds)
-    gc.collect()  # drop the iterator (and its threads) before the next measurement
-    if result is not None:
-      rows.append({'dataset': f'{name}/{config}', 'T': T, 'mode': 'grain train', **result})
+  try:
+    if not (args.raw_object and args.raw_semantic):
+      fake = fixtures.write_fixtures(Path(work) / 'raw')
+      replicate_train_clips(fake['avs_object'], fake['avs_semantic'], args.copies)
+    raw_object = args.raw_object or fake['avs_object']
+    raw_semantic = args.raw_semantic or fake['avs_semantic']
+    data_dir = os.path.join(work, 'tfds')
+    datasets = [
+        ('avs_object', 's4', 5, AvsObject(config='s4', data_dir=data_dir,
+                                          file_format='array_record', raw_dir=raw_object)),
+        ('avs_semantic', 'all', 10, AvsSemantic(config='all', data_dir=data_dir,
+                                                file_format='array_record', raw_dir=raw_semantic)),
+    ]
+    rows = []
+    load_before = os.getloadavg()[0]
+    for name, config, T, builder in datasets:
+      builder.download_and_prepare()
+    # Direct measurements first: a live grain iterator keeps prefetching in background threads.
+    for name, config, T, builder in datasets:
+      train, val = builder.as_data_source('train'), builder.as_data_source('val')
+      for mode, source, is_train in (('direct train', train, True), ('direct eval', val, False)):
+        result = time_direct(source, is_train, args.seconds)
+        rows.append({'dataset': f'{name}/{config}', 'T': T, 'mode': mode, **result})
+    for name, config, T, builder in datasets:
+      result = time_pipeline(name, config, data_dir, args.batch, args.seconds)
+      gc.collect()  # drop the iterator (and its threads) before the next measurement
+      if result is not None:
+        rows.append({'dataset': f'{name}/{config}', 'T': T, 'mode': 'grain train', **result})
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
 
   load_after = os.getloadavg()[0]
   print(f"\ninput pipeline at {SIZE}x{SIZE} on {os.cpu_count()} CPUs "

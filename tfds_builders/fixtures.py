@@ -30,7 +30,8 @@ import scipy.io.wavfile
 from qdformer_jax.data import audio, avsbench, records
 
 # Real clips from the released AVSS metadata (the v1s rows are S4 clips, the v1m rows MS3 clips).
-# S4: (name, start second, category, split)
+# S4: (name, start second, category, split); the names are the AVSS ``vid`` and ``s_sec`` values,
+# the categories the S4 folder names of the clips' AVSS classes.
 S4_CLIPS = (
     ('--ZHUMfueO0', 5, 'female_singing', 'train'),
     ('--yJcmmwiMc', 0, 'playing_acoustic_guitar', 'train'),

@@ -17,7 +17,9 @@ Bad input is handled in one of two ways (each builder's README lists the cases):
   counted in the build summary, or raised as a :class:`ReleaseError` when the build is ``strict``.
 
 Audio shorter than the clip (fewer examples than frames), silent audio and multichannel audio are
-used (padded / mixed down, as the reference code does) and listed in the summary as notes.
+used (padded / mixed down, as the reference code does) and listed in the summary as notes; so
+is a ``log_mel_source='pkl'`` clip whose wav is missing or unreadable (``no_waveform``: the record
+is written with an empty ``audio``, which only noise-robustness evaluation needs).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ S4_CATEGORIES = (
 # Summary keys: reasons a clip is skipped, and notes on clips that were written.
 SKIP_REASONS = ('missing_file', 'unreadable_image', 'unreadable_audio', 'audio_too_short',
                 'size_mismatch')
-NOTES = ('short_audio', 'silent_audio', 'multichannel_audio')
+NOTES = ('short_audio', 'silent_audio', 'multichannel_audio', 'no_waveform')
 
 
 class ReleaseError(ValueError):
@@ -366,8 +368,26 @@ def _palette_mask(image: Image.Image, spec: ClipSpec, path: Path) -> np.ndarray:
                        'PASCAL-VOC palette colours (a lossy or resized copy will not work)') from e
 
 
-def _log_mel(spec: ClipSpec, log_mel_source: str, notes: list[str]) -> np.ndarray:
-  """The clip's [num_frames, 96, 64] log-mel: trimmed to its real frames, padded to T."""
+def _read_waveform(spec: ClipSpec, notes: list[str]) -> np.ndarray:
+  """The clip's wav as the front end hears it: float64 mono at 16 kHz (mixed down, resampled)."""
+  path = spec.wav
+  if not path.is_file():
+    raise BadClip('missing_file', spec.clip_id, path, 'audio wav not found')
+  try:
+    samples, sample_rate = audio.read_wav(path)
+  except ValueError as e:
+    raise BadClip('unreadable_audio', spec.clip_id, path, str(e)) from e
+  if samples.ndim == 2 and samples.shape[1] > 1:
+    notes.append('multichannel_audio')
+  mono = audio.to_mono_float(samples)
+  if mono.size and not np.any(mono):
+    notes.append('silent_audio')
+  return audio.resample(mono, sample_rate)
+
+
+def _log_mel(spec: ClipSpec, log_mel_source: str, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """The clip's [num_frames, 96, 64] log-mel (trimmed to its real frames, padded to T) and its
+  16 kHz mono waveform (float64; empty when ``log_mel_source='pkl'`` and the wav is unusable)."""
   real = len(spec.frames)
   if log_mel_source == 'pkl':
     path = spec.log_mel_pkl
@@ -380,20 +400,15 @@ def _log_mel(spec: ClipSpec, log_mel_source: str, notes: list[str]) -> np.ndarra
       examples = audio.load_released_log_mel(path)
     except ValueError as e:
       raise BadClip('unreadable_audio', spec.clip_id, path, str(e)) from e
+    try:  # the waveform is kept when the wav is there; the .pkl alone still makes a record
+      waveform = _read_waveform(spec, [])
+    except BadClip:
+      notes.append('no_waveform')
+      waveform = np.zeros((0,), np.float64)
   elif log_mel_source == 'wav':
     path = spec.wav
-    if not path.is_file():
-      raise BadClip('missing_file', spec.clip_id, path, 'audio wav not found')
-    try:
-      samples, sample_rate = audio.read_wav(path)
-    except ValueError as e:
-      raise BadClip('unreadable_audio', spec.clip_id, path, str(e)) from e
-    if samples.ndim == 2 and samples.shape[1] > 1:
-      notes.append('multichannel_audio')
-    mono = audio.to_mono_float(samples)
-    if mono.size and not np.any(mono):
-      notes.append('silent_audio')
-    examples = audio.waveform_to_log_mel(samples, sample_rate)
+    waveform = _read_waveform(spec, notes)
+    examples = audio.waveform_to_log_mel(waveform, audio.SAMPLE_RATE)
   else:
     raise ValueError(f"log_mel_source must be 'wav' or 'pkl', got {log_mel_source!r}")
   if examples.shape[0] == 0:
@@ -402,7 +417,7 @@ def _log_mel(spec: ClipSpec, log_mel_source: str, notes: list[str]) -> np.ndarra
   if examples.shape[0] < real:
     notes.append('short_audio')
   examples = audio.pad_examples(examples[:real], real, spec.audio_pad)
-  return audio.pad_examples(examples, spec.num_frames, 'zeros')
+  return audio.pad_examples(examples, spec.num_frames, 'zeros'), waveform
 
 
 def load_clip(spec: ClipSpec, log_mel_source: str = 'wav') -> tuple[dict, list[str]]:
@@ -444,12 +459,16 @@ def load_clip(spec: ClipSpec, log_mel_source: str = 'wav') -> tuple[dict, list[s
     semantic.append(records.encode_png(ids))
     gt_valid[t] = True
   pad = T - len(frames)
+  log_mel, waveform = _log_mel(spec, log_mel_source, notes)
+  waveform, waveform_length = records.encode_audio(waveform, T)
   example = {
       'clip_id': spec.clip_id,
       'category': spec.category,
       'frames': frames + [b''] * pad,
       'semantic': semantic + [b''] * pad,
-      'log_mel': _log_mel(spec, log_mel_source, notes),
+      'log_mel': log_mel,
+      'audio': waveform,
+      'audio_length': waveform_length,
       'gt_valid': gt_valid,
       'frame_valid': frame_valid,
   }

@@ -3,7 +3,8 @@
 Reads the release as unpacked (DESIGN.md §4.1, layout in README.md) and writes
 ``qdformer_jax.data.records.clip_features(5)``: frames as released (PNG bytes), masks binarised
 (> 0 -> class id 1) as 8-bit PNGs, log-mel computed once here from the wav files (or read from the
-released ``.pkl`` files with ``log_mel_source='pkl'``, which needs torch).
+released ``.pkl`` files with ``log_mel_source='pkl'``, which needs torch), and the wav itself as
+the 16 kHz mono waveform the log-mel is computed from (``audio``, for noise-robustness evaluation).
 
     builder = AvsObject(config='s4', data_dir=DATA, file_format='array_record', raw_dir=RAW)
     builder.download_and_prepare()
@@ -33,8 +34,9 @@ class AvsObjectConfig(tfds.core.BuilderConfig):
 class AvsObject(tfds.core.GeneratorBasedBuilder):
   """AVSBench S4 / MS3: T = 5 frames, binary masks, VGGish log-mel."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'S4 and MS3 from the released layout.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'S4 and MS3 from the released layout.',
+                   '1.1.0': 'Adds the 16 kHz waveform (audio, audio_length) for noise-robustness evaluation.'}
   BUILDER_CONFIGS = [
       AvsObjectConfig(name='s4', subset='s4',
                       description='Single source: 3452/740/740 clips, train GT on frame 1 only.'),

@@ -5,7 +5,8 @@ Reads the release as unpacked (DESIGN.md §4.1, layout in README.md) and writes
 padded frames of v1 clips, ``frame_valid`` False there), masks as 8-bit PNGs of class ids 0..70
 (background 0 = label2idx - 1), from ``labels_semantic`` where present and otherwise from
 ``labels_rgb`` by exact PASCAL-VOC palette match; log-mel computed once here from ``audio.wav``
-and zero-padded to 10 examples. v1s train clips have ground truth on frame 0 only.
+and zero-padded to 10 examples, and ``audio.wav`` itself as the 16 kHz mono waveform the log-mel is
+computed from (``audio``, zero-padded to 10 s, for noise-robustness evaluation). v1s train clips have ground truth on frame 0 only.
 
     builder = AvsSemantic(config='all', data_dir=DATA, file_format='array_record', raw_dir=RAW)
     builder.download_and_prepare()
@@ -35,8 +36,9 @@ class AvsSemanticConfig(tfds.core.BuilderConfig):
 class AvsSemantic(tfds.core.GeneratorBasedBuilder):
   """AVSBench AVS-Semantic: T = 10 frames (v1 clips padded), 71 class ids, VGGish log-mel."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'AVSS from the released layout.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'AVSS from the released layout.',
+                   '1.1.0': 'Adds the 16 kHz waveform (audio, audio_length) for noise-robustness evaluation.'}
   BUILDER_CONFIGS = [
       AvsSemanticConfig(name='all', labels=avsbench.AVSS_LABELS,
                         description='The AVSS benchmark: v1s + v1m + v2, 8498/1304/1554 clips.'),
