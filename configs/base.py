@@ -35,6 +35,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.hidden_dim = 256
   c.model.num_queries = 5
   c.model.codebook_size = 128
+  c.model.vq_normalize = False     # True: cosine codebook (tokens and codes on a sphere)
+  c.model.vq_restart_dead = False  # True: move dead codewords onto batch tokens (in the train step)
   c.model.num_feature_levels = 4
   c.model.encoder = ml_collections.ConfigDict(dict(layers=4, heads=8, points=4, ffn_dim=2048, dropout=0.1))
   c.model.audio = ml_collections.ConfigDict(dict(
@@ -57,6 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       cls_weight=2.0, l1_weight=5.0, giou_weight=2.0, mask_weight=2.0, dice_weight=5.0,
       focal_alpha=0.25, focal_gamma=2.0, mask_loss='bce', quant_weight=0.5, commit_weight=0.25,
+      quant_reduction='sum',  # 'sum': Eq. 9 literally; 'mean': divided by d (F.mse_loss style)
       aux_loss=True))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -161,12 +161,14 @@ class QDFormer(nnx.Module):
     self.audio_encoder = build_audio_encoder(cfg.audio, dtype=dtype, rngs=rngs)
     self.audio_proj = nnx.Linear(128, d, dtype=dtype, rngs=rngs)
     self.fusion = GlobalFusion(d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype, rngs=rngs)
-    self.prototypes = nnx.Param(jax.random.normal(rngs.params(), (n, d)) * 0.02)
+    # Unit-scale prototypes: tokens of different slots start apart, so they do not all fall on one
+    # codeword at initialisation (with near-zero prototypes every slot quantizes identically).
+    self.prototypes = nnx.Param(jax.random.normal(rngs.params(), (n, d)))
     self.global_asd = SemanticDecoder(cfg.asd_layers, d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype,
                                       rngs=rngs)
     self.local_asd = SemanticDecoder(cfg.asd_layers, d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype,
                                      rngs=rngs)
-    self.quantizer = VectorQuantizer(cfg.codebook_size, d, rngs=rngs)
+    self.quantizer = VectorQuantizer(cfg.codebook_size, d, normalize=bool(cfg.get('vq_normalize', False)), rngs=rngs)
     self.avsr_weights = modules.MLP(d, d, d, 2, dtype=dtype, rngs=rngs)
     self.avsr = nnx.List([AVSR(d, n, dtype=dtype, rngs=rngs) for _ in range(self.num_levels)])
     self.baseline_audio_query = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
@@ -231,7 +233,7 @@ class QDFormer(nnx.Module):
       g = self.global_asd(prototypes, fused, audio_pos, frame_valid, train=train)
       if cfg.quantize:
         gq = self.quantizer(g)
-        e = gq['quantized']
+        g, e = gq['tokens'], gq['quantized']
       else:
         e = g
       # Eq. 5: AVSR at every encoder level.
@@ -246,7 +248,7 @@ class QDFormer(nnx.Module):
         local = local.reshape(b, t, n, d)
         if cfg.quantize:
           lq = self.quantizer(local, update_codebook=False)
-          queries = lq['quantized']
+          local, queries = lq['tokens'], lq['quantized']
         else:
           queries = local
       else:
