@@ -88,6 +88,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.shuffle_audio = False      # replace each clip's audio by another clip's (audio-use check)
   c.eval.noise_snrs = ()            # e.g. (20, 10, 5, 0, -5): noise-robustness sweep (Fig. 7)
   c.eval.noise_seed = 0
+  c.eval.noise_dir = ml_collections.config_dict.placeholder(str)  # wavs (e.g. AudioSet); None: pink noise
   return c
 
 

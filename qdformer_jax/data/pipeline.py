@@ -1,14 +1,20 @@
 """grain input pipelines: TFDS ArrayRecord clips -> the batch contract of DESIGN.md §4.2.
 
 One pipeline serves every dataset, because every builder writes the record layout of
-``qdformer_jax.data.records``. Each process reads its own slice of the split
-(``ds[process_index::process_count]``) and yields ``global_batch / process_count`` clips; the
-training loop assembles the global array with ``jax.make_array_from_process_local_data``.
+``qdformer_jax.data.records``. Process p yields rows [p * b, (p + 1) * b) of every global batch
+(b = ``global_batch / process_count``), reading and decoding only those clips; the training loop
+assembles the global array with ``jax.make_array_from_process_local_data``. The global batches are
+therefore the ones a single process would yield, whatever the process count (same clips, same
+order, same augmentation), and the official per-batch metrics group the same clips.
 
 Train iterators shuffle (differently every epoch), repeat forever and are checkpointable
 (``get_state``/``set_state``; saved by Orbax through ``grain.checkpoint``). Eval iterators run one
 pass and pad the last batch with copies marked ``clip_valid = False`` so shapes stay static and every
 clip counts exactly once.
+
+Noise robustness: when the data config sets ``noise_snr_db`` (the evaluator does, per SNR of a
+sweep, with ``noise_seed`` and ``noise_dir``), each clip's log-mel is recomputed from its stored
+waveform with background noise mixed in at that SNR (``qdformer_jax.evaluation.noise``).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import numpy as np
 from qdformer_jax.data import records, transforms
 
 DEVICE_KEYS = ('frames', 'log_mel', 'semantic', 'gt_valid', 'frame_valid')
+# How each builder pads a clip whose audio holds fewer VGGish examples than it has real frames.
+AUDIO_PAD_MODES = {'synthetic_avs': 'repeat', 'avs_object': 'repeat', 'avs_semantic': 'zeros'}
 
 
 def load_source(data_config, split: str):
@@ -82,11 +90,28 @@ def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Genera
   out_masks[valid] = clip_masks
   return {
       'frames': out_frames,
-      'log_mel': np.asarray(record['log_mel'], np.float32),
+      'log_mel': clip_log_mel(record, data_config),
       'semantic': out_masks,
       'gt_valid': gt_valid,
       'frame_valid': frame_valid,
   }
+
+
+def clip_log_mel(record: dict, data_config) -> np.ndarray:
+  """The clip's float32 [T, 96, 64] log-mel: as stored, or, when ``data_config.noise_snr_db`` is set,
+  recomputed from the stored waveform with background noise at that SNR, deterministic per
+  (``noise_seed``, clip index) (noise from ``noise_dir``, else pink; see evaluation/noise.py)."""
+  snr_db = data_config.get('noise_snr_db')
+  if snr_db is None:
+    return np.asarray(record['log_mel'], np.float32)
+  from qdformer_jax.evaluation import noise  # only noise evaluation needs it
+  if data_config.name not in AUDIO_PAD_MODES:
+    raise ValueError(f'data.name {data_config.name!r} has no audio pad mode; expected one of '
+                     f'{sorted(AUDIO_PAD_MODES)}')
+  return noise.record_noisy_log_mel(
+      record, float(snr_db), seed=int(data_config.get('noise_seed', 0) or 0),
+      clip_index=item_index(record), noise_dir=data_config.get('noise_dir'),
+      pad_mode=AUDIO_PAD_MODES[data_config.name])
 
 
 class _DecodeTrain(grain.transforms.RandomMap):
@@ -125,10 +150,10 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, proce
   if global_batch_size % process_count:
     raise ValueError(f'batch_size {global_batch_size} does not divide over {process_count} processes')
   source = load_source(data_config, split or data_config.train_split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.seed(seed).shuffle().repeat(None)
-  ds = ds.random_map(_DecodeTrain(data_config))
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  ds = ds.random_map(_DecodeTrain(data_config))  # lazy: a process decodes only the clips it takes
+  # Global batch k is per-process batch k * process_count + p of every process p, in process order.
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)[process_index::process_count]
   return iter(ds.to_iter_dataset(_read_options(data_config)))
 
 
@@ -142,8 +167,9 @@ def make_eval_iterator(data_config, split: str, *, global_batch_size: int, proce
   if global_batch_size % process_count:
     raise ValueError(f'eval batch_size {global_batch_size} does not divide over {process_count} processes')
   steps = max(1, math.ceil(total / global_batch_size))
-  padded = steps * global_batch_size
-  indices = grain.MapDataset.range(padded)[process_index::process_count]
+  # Process p takes rows [p * per_process, (p + 1) * per_process) of every global batch.
+  indices = grain.MapDataset.range(steps * per_process).map(
+      lambda j: (j // per_process) * global_batch_size + process_index * per_process + j % per_process)
 
   def fetch(i):
     i = int(i)

@@ -12,8 +12,16 @@ TFDS writes and reads these features (ArrayRecord) without it.
 | frames       | T × bytes                     | encoded RGB PNG/JPEG; b'' for a padded frame         |
 | semantic     | T × bytes                     | encoded 8-bit PNG of class ids; b'' where no GT      |
 | log_mel      | float32 [T, 96, 64]           | VGGish examples (qdformer_jax.data.audio)            |
+| audio        | int16 [T · 16000]             | the 16 kHz mono waveform log_mel was computed from,  |
+|              |                               | PCM int16 (x · 32768), zero-padded or cut to T s     |
+| audio_length | int32                         | samples of ``audio`` before the zero padding         |
 | gt_valid     | bool [T]                      | frame has ground truth                               |
 | frame_valid  | bool [T]                      | real frame, not padding                              |
+
+``audio`` lets evaluation change the sound before the front end (noise robustness: mix noise into
+the waveform, then recompute ``log_mel``); :func:`encode_audio` / :func:`decode_audio` convert it.
+A record whose builder had no waveform (AVSBench built from the released ``.pkl`` log-mel without
+the wav) holds ``audio_length = 0``.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from PIL import Image
 
 NUM_MEL_FRAMES = 96
 NUM_MEL_BINS = 64
+AUDIO_SAMPLE_RATE = 16000  # = qdformer_jax.data.audio.SAMPLE_RATE
 
 
 def clip_features(num_frames: int):
@@ -41,9 +50,42 @@ def clip_features(num_frames: int):
       'log_mel': tfds.features.Tensor(
           shape=(num_frames, NUM_MEL_FRAMES, NUM_MEL_BINS), dtype=np.float32,
           encoding=tfds.features.Encoding.BYTES),
+      'audio': tfds.features.Tensor(
+          shape=(num_frames * AUDIO_SAMPLE_RATE,), dtype=np.int16,
+          encoding=tfds.features.Encoding.BYTES),
+      'audio_length': tfds.features.Tensor(shape=(), dtype=np.int32),
       'gt_valid': tfds.features.Tensor(shape=(num_frames,), dtype=np.bool_),
       'frame_valid': tfds.features.Tensor(shape=(num_frames,), dtype=np.bool_),
   })
+
+
+def encode_audio(waveform16k, num_frames: int) -> tuple[np.ndarray, np.int32]:
+  """1-D float waveform at 16 kHz in [-1, 1] -> (``audio`` int16 [num_frames·16000], ``audio_length``).
+
+  Samples are rounded to int16 PCM (x · 32768, clipped to the int16 range), cut to num_frames
+  seconds and zero-padded to that length; ``audio_length`` counts the samples before the padding.
+  """
+  waveform16k = np.asarray(waveform16k, np.float64)
+  if waveform16k.ndim != 1:
+    raise ValueError(f'encode_audio expects a 1-D mono waveform, got shape {waveform16k.shape}')
+  total = num_frames * AUDIO_SAMPLE_RATE
+  pcm = np.clip(np.round(waveform16k[:total] * 32768.0), -32768, 32767).astype(np.int16)
+  out = np.zeros((total,), np.int16)
+  out[:pcm.shape[0]] = pcm
+  return out, np.int32(pcm.shape[0])
+
+
+def decode_audio(record) -> np.ndarray:
+  """A record's waveform: float64 [audio_length] at 16 kHz (int16 / 32768, padding removed).
+
+  Raises KeyError naming the fields when the record predates them (rebuild the dataset).
+  """
+  if 'audio' not in record or 'audio_length' not in record:
+    raise KeyError(f"record {record.get('clip_id', b'?')!r} has no 'audio'/'audio_length' features: it "
+                   'was built before they were added; rebuild the dataset (delete its TFDS '
+                   'directory and build again)')
+  length = int(record['audio_length'])
+  return np.asarray(record['audio'][:length], np.int16) / 32768.0
 
 
 def encode_png(array: np.ndarray) -> bytes:

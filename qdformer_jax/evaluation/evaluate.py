@@ -2,7 +2,13 @@
 
 The eval step is one XLA program: forward pass, post-processing (DESIGN.md §3) at the evaluation size
 and the metric accumulators of ``qdformer_jax.evaluation.metrics`` (the same code as the public metric
-functions). The host only adds nothing: sums stay on the device across batches and are divided once.
+functions). The host adds nothing: sums stay on the device across batches and are divided once.
+
+Outputs under DIR/reports/: ``eval_<split>_<step>.json`` (:func:`write_report`), PNG overlays of the
+first ``config.eval.num_overlays`` clips (``Evaluator.run(overlay_dir=...)``,
+``qdformer_jax.evaluation.overlays``) and, for a noise sweep (``config.eval.noise_snrs``; noise from
+``config.eval.noise_dir`` or built-in pink noise, see ``qdformer_jax.evaluation.noise``),
+``noise_<split>_<step>.{json,md,png}`` (:func:`write_noise_report`).
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ class Evaluator:
     self.size = int(config.data.image_size)
     self.group = int(config.eval.official_batch_clips) * int(config.data.num_frames)
     self._steps = {}
+    self._sums_template = None
 
   def _step(self, shuffle_audio: bool):
     if shuffle_audio in self._steps:
@@ -97,8 +104,25 @@ class Evaluator:
     self._steps[shuffle_audio] = step
     return step
 
+  def _zero_sums(self, eval_step, state, batch):
+    """Zero metric sums of the step's output structure, so the step always gets (and compiles
+    for) a sums pytree: one executable per Evaluator and shuffle mode."""
+    if self._sums_template is None:
+      self._sums_template = jax.eval_shape(eval_step, state, batch, None)[0]
+    replicated = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), replicated),
+                        self._sums_template)
+
   def run(self, state, split: str, step: int, *, shuffle_audio: bool | None = None,
-          noise_snr: float | None = None, overlay_dir: str | None = None) -> dict:
+          noise_snr: float | None = None, overlay_dir: str | None = None, writer=None) -> dict:
+    """Evaluates ``state`` on ``split``; returns the finalized metrics plus run facts.
+
+    shuffle_audio: give every clip another clip's audio (default ``config.eval.shuffle_audio``).
+    noise_snr: mix background noise into every clip's waveform at this SNR (dB) before the
+      log-mel (noise from ``config.eval.noise_dir``, else pink; seed ``config.eval.noise_seed``).
+    overlay_dir: write PNG overlays of the first ``config.eval.num_overlays`` clips there (process
+      0 only); with a TensorBoard ``writer`` they are also logged as images at ``step``.
+    """
     from qdformer_jax.training.train import to_global
     config = self.config
     shuffle_audio = bool(config.eval.shuffle_audio) if shuffle_audio is None else shuffle_audio
@@ -108,24 +132,31 @@ class Evaluator:
       with data_config.unlocked():
         data_config.noise_snr_db = float(noise_snr)
         data_config.noise_seed = int(config.eval.noise_seed)
+        data_config.noise_dir = config.eval.get('noise_dir') or None
     iterator, total = pipeline.make_eval_iterator(
         data_config, split, global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), limit=config.eval.limit or None)
     eval_step = self._step(shuffle_audio)
+    num_overlays = int(config.eval.num_overlays) if overlay_dir and jax.process_index() == 0 else 0
     t0 = time.time()
-    sums, overlays = None, []
+    sums, overlays, collected = None, [], 0
     for host_batch in iterator:
       batch = to_global(pipeline.device_batch(host_batch), self.mesh)
+      if sums is None:
+        sums = self._zero_sums(eval_step, state, batch)
       sums, preds = eval_step(state, batch, sums)
-      if len(overlays) < config.eval.num_overlays and jax.process_index() == 0 and overlay_dir:
-        overlays.append((host_batch, np.asarray(jax.device_get(preds.addressable_shards[0].data))))
+      if collected < num_overlays:
+        shard = np.asarray(jax.device_get(preds.addressable_shards[0].data))
+        overlays.append((host_batch, shard))
+        collected += int(np.sum(host_batch['clip_valid'][:shard.shape[0]]))
     results = metrics_lib.finalize(jax.device_get(sums))
     results.update(num_clips=total, eval_seconds=round(time.time() - t0, 2), shuffle_audio=shuffle_audio)
     if noise_snr is not None:
       results['noise_snr_db'] = float(noise_snr)
     if overlays:
       from qdformer_jax.evaluation import overlays as overlays_lib
-      overlays_lib.write_overlays(overlay_dir, overlays, config, limit=config.eval.num_overlays)
+      overlays_lib.write_overlays(overlay_dir, overlays, config, limit=num_overlays, writer=writer,
+                                  tag=f'overlays_{split}', step=step)
     logging.info('eval %s@%d: %s', split, step, {k: v for k, v in results.items() if isinstance(v, float)})
     return results
 
@@ -166,3 +197,82 @@ def write_report(workdir: str, split: str, step: int, config, results: dict, wri
         writer.add_scalar(f'eval_{split}/{k}', v, step)
     writer.flush()
   return path
+
+
+def _format(value) -> str:
+  return f'{value:.4f}' if isinstance(value, float) else str(value)
+
+
+def _format_snr(value) -> str:
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def write_noise_report(workdir: str, split: str, step: int, config, clean_results: dict, sweep: dict,
+                       writer=None) -> dict:
+  """The noise-robustness sweep (paper Fig. 7) as DIR/reports/noise_<split>_<step>.{json,md,png}.
+
+  clean_results: ``Evaluator.run`` without noise; sweep: SNR (dB) -> ``Evaluator.run`` at that SNR.
+  The table has one row per SNR (clean first, then from high to low SNR) and a column per metric
+  of the task (J, F... for binary tasks, mIoU and F for AVSS); the plot draws each metric against
+  the SNR with the clean score as a dashed line. With a TensorBoard ``writer`` the plot is also
+  logged as an image. Returns {'json': path, 'markdown': path, 'plot': path} (process 0 only;
+  other processes return {}).
+  """
+  if jax.process_index() != 0:
+    return {}
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  from qdformer_jax.evaluation import noise as noise_lib
+  names = [k for k in METRIC_MODES if isinstance(clean_results.get(k), float)]
+  if not names:
+    raise ValueError(f'write_noise_report: clean_results has none of the metrics {list(METRIC_MODES)}')
+  snrs = sorted((float(s) for s in sweep), reverse=True)
+  by_snr = {float(k): v for k, v in sweep.items()}
+  noise_dir = config.eval.get('noise_dir') or None
+  source = noise_lib.noise_source(noise_dir).description
+  table = [dict({'snr_db': 'clean'}, **{k: clean_results[k] for k in names})]
+  table += [dict({'snr_db': snr}, **{k: by_snr[snr].get(k, float('nan')) for k in names}) for snr in snrs]
+  dataset = f'{config.data.name}/{config.data.builder_config}'
+  report = {'config': config.name, 'dataset': dataset, 'split': split, 'step': int(step),
+            'noise': {'source': source, 'noise_dir': noise_dir, 'seed': int(config.eval.noise_seed)},
+            'metrics': names, 'table': table, 'clean': clean_results,
+            'sweep': {str(snr): by_snr[snr] for snr in snrs},
+            'modes': {k: METRIC_MODES[k] for k in names}}
+  out = os.path.join(workdir, 'reports')
+  os.makedirs(out, exist_ok=True)
+  base = os.path.join(out, f'noise_{split}_{step}')
+  paths = {'json': base + '.json', 'markdown': base + '.md', 'plot': base + '.png'}
+  with open(paths['json'], 'w') as f:
+    json.dump(report, f, indent=2)
+
+  lines = [f'# Noise robustness: {config.name} on {dataset} {split}, step {step}', '',
+           f'Background noise: {source}, seed {int(config.eval.noise_seed)}, mixed into each clip\'s '
+           'waveform at the given SNR (signal power / noise power) before the log-mel.', '',
+           '| SNR (dB) | ' + ' | '.join(names) + ' |', '|' + '---|' * (len(names) + 1)]
+  lines += ['| ' + ' | '.join([_format_snr(row['snr_db'])] + [_format(row[k]) for k in names]) + ' |'
+            for row in table]
+  with open(paths['markdown'], 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+  fig = Figure(figsize=(5.0, 3.6), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  for i, k in enumerate(names):
+    colour = f'C{i}'
+    ax.plot(snrs, [by_snr[s].get(k, float('nan')) for s in snrs], 'o-', color=colour, label=k)
+    ax.axhline(clean_results[k], color=colour, linestyle='--', linewidth=1, label=f'{k} (clean)')
+  if len(snrs) > 1:
+    ax.invert_xaxis()  # noisier to the right
+  ax.set_xlabel('SNR (dB)')
+  ax.set_ylabel('score')
+  ax.set_title(f'{config.name} {dataset} {split} @ {step}', fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(paths['plot'])
+  if writer is not None:
+    from qdformer_jax.evaluation.overlays import figure_to_array
+    writer.add_image(f'noise_{split}/plot', figure_to_array(fig), step, dataformats='HWC')
+    writer.flush()
+  return paths

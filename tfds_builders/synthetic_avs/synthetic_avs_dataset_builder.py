@@ -99,12 +99,15 @@ def make_example(config: SyntheticAvsConfig, split: str, index: int) -> dict[str
   clip_config = config.clip_config()
   clip = synthetic.make_clip(clip_config, np.random.default_rng(clip_seed(config.seed, split, index)))
   num_frames = clip_config.num_frames
+  waveform, waveform_length = records.encode_audio(clip.waveform, num_frames)
   return {
       'clip_id': f'synthetic_{config.task}_{split}_{index:06d}',
       'category': config.task,
       'frames': [records.encode_png(frame) for frame in clip.frames],
       'semantic': [records.encode_png(mask) for mask in clip.semantic],
       'log_mel': synthetic.clip_log_mel(clip.waveform, num_frames),
+      'audio': waveform,
+      'audio_length': waveform_length,
       'gt_valid': np.ones(num_frames, np.bool_),
       'frame_valid': np.ones(num_frames, np.bool_),
   }
@@ -113,8 +116,9 @@ def make_example(config: SyntheticAvsConfig, split: str, index: int) -> dict[str
 class SyntheticAvs(tfds.core.GeneratorBasedBuilder):
   """Procedural audio-visual segmentation clips; the default, download-free dataset."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Adds the waveform (audio, audio_length) for noise-robustness evaluation.'}
   BUILDER_CONFIGS = list(BUILDER_CONFIGS)
   DEFAULT_CONFIG_NAME = 'semantic'
 

@@ -1,0 +1,176 @@
+"""Evaluation outputs: PNG overlays (colours, legend names, TensorBoard) and the one-program eval step."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from configs import synthetic as synthetic_config
+from qdformer_jax.data import pipeline, synthetic
+from qdformer_jax.evaluation import evaluate, overlays
+from qdformer_jax.training import train
+
+
+def tiny_config(data_dir: str):
+  c = synthetic_config.get_config('smoke')
+  c.data.data_dir = data_dir
+  c.data.image_size = 32
+  c.data.num_frames = 3
+  c.data.synthetic = {'train_clips': 2, 'validation_clips': 3, 'test_clips': 2}
+  c.eval_batch_size = 2
+  c.eval.limit = 3  # two batches, the second padded with an invalid clip
+  c.eval.num_overlays = 3
+  c.model.dec_layers = 1
+  return c
+
+
+def cheap_train_state(config, mesh, drop_steps):
+  """``train.create_train_state`` with parameters drawn in NumPy (weights scaled by fan-in, norm
+  variances and scales 1): the initialiser's XLA compile is the slowest part of a tiny test."""
+  abstract = nnx.eval_shape(lambda: train._model_and_optimizer(config, drop_steps))
+  graphdef, abstract_state = nnx.split(abstract)
+  replicated = NamedSharding(mesh, P())
+  rng = np.random.default_rng(0)
+  key = jax.random.key(0)
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.device_put(key, replicated)
+    if not jax.dtypes.issubdtype(x.dtype, np.floating):
+      value = np.zeros(x.shape)
+    elif x.ndim >= 2:
+      value = rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+    elif any(f"'{k}'" in name for k in ('var', 'running_var', 'scale', 'weight')):
+      value = np.ones(x.shape)
+    else:
+      value = np.zeros(x.shape)
+    return jax.device_put(np.asarray(value, x.dtype), replicated)
+
+  state = jax.tree_util.tree_map_with_path(fill, abstract_state)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                abstract_state)
+  return graphdef, state, abstract_state
+
+
+class RecordingWriter:
+  """Stands in for a tensorboardX SummaryWriter: records add_image calls."""
+
+  def __init__(self):
+    self.images = []
+    self.flushed = False
+
+  def add_image(self, tag, image, step, dataformats='CHW'):
+    self.images.append((tag, np.asarray(image), step, dataformats))
+
+  def flush(self):
+    self.flushed = True
+
+
+# -- class names and drawing -----------------------------------------------------------------------
+
+def test_class_names_per_dataset(tmp_path):
+  c = tiny_config(str(tmp_path))
+  assert overlays.class_names(c) == ('background',) + synthetic.CLASS_NAMES[:8]
+  c.data.binary = True
+  assert overlays.class_names(c) == ('background', 'sounding')
+  c.data.update(binary=False, name='avs_semantic', num_classes=70)
+  names = overlays.class_names(c)
+  # The released index (1-based, background = 1), independent of the builder's copy.
+  label2idx = json.load(open('/work/shared/avsbench/label2idx.json'))
+  assert len(names) == 71 and names == tuple(sorted(label2idx, key=label2idx.get))
+  c.data.num_classes = 8
+  with pytest.raises(ValueError, match='num_classes'):
+    overlays.class_names(c)
+
+
+def test_voc_palette_and_blend():
+  colours = overlays.palette(4)
+  # PASCAL VOC: 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0).
+  np.testing.assert_array_equal(colours, [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]])
+  frame = np.full((2, 2, 3), 100, np.uint8)
+  labels = np.array([[0, 1], [2, 3]])
+  out = overlays.blend(frame, labels, colours, alpha=0.5)
+  expected = np.array([[[100, 100, 100], [114, 50, 50]], [[50, 114, 50], [114, 114, 50]]])
+  np.testing.assert_array_equal(out, expected)  # (1 - a) * 100 + a * colour, rounded
+
+
+def test_write_overlays_png_and_legend(tmp_path):
+  c = tiny_config(str(tmp_path))
+  t, s = 3, 16
+  frames = np.random.default_rng(0).integers(0, 255, (2, t, s, s, 3), dtype=np.uint8)
+  gt = np.zeros((2, t, s, s), np.uint8)
+  gt[0, :, 2:8, 2:8] = 3        # class 3 in the ground truth of clip 0
+  preds = np.zeros((2, t, s, s), np.int32)
+  preds[0, 1, 8:, 8:] = 5       # class 5 predicted in frame 1
+  preds[0, 2, :4, :4] = 3
+  batch = {'frames': frames, 'semantic': gt, 'gt_valid': np.array([[True, False, True]] * 2),
+           'frame_valid': np.array([[True, True, True], [True, True, False]]),
+           'clip_valid': np.array([True, False]), 'index': np.array([7, -1])}
+  writer = RecordingWriter()
+  paths = overlays.write_overlays(str(tmp_path / 'ov'), [(batch, preds)], c, limit=4, writer=writer,
+                                  tag='overlays_val', step=11)
+  assert paths == [str(tmp_path / 'ov' / 'clip_00007.png')]  # the invalid clip is skipped
+  with Image.open(paths[0]) as im:
+    legend = json.loads(im.text['Legend'])
+    pixels = np.asarray(im.convert('RGB'))
+  names = overlays.class_names(c)
+  assert legend == [names[3], names[5]] == [synthetic.CLASS_NAMES[2], synthetic.CLASS_NAMES[4]]
+  assert pixels.shape[0] > pixels.shape[1]  # one row per frame, GT | prediction side by side
+  # The blended colour of class 3 (frame 100% covered region) appears in the picture.
+  tag, image, step, fmt = writer.images[0]
+  assert (tag, step, fmt) == ('overlays_val/clip_00007', 11, 'HWC') and writer.flushed
+  np.testing.assert_array_equal(image, pixels)
+
+
+# -- the evaluator ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  config = tiny_config(str(tmp_path_factory.mktemp('tfds')))
+  mesh = train.make_mesh(config)
+  graphdef, state, _ = cheap_train_state(config, mesh, ())
+  # One Evaluator for the module: its eval step compiles once.
+  return config, mesh, evaluate.Evaluator(config, mesh, graphdef), state
+
+
+def test_eval_step_is_one_program_without_callbacks(setup):
+  config, mesh, evaluator, state = setup
+  step = evaluator._step(False)
+  it, _ = pipeline.make_eval_iterator(config.data, 'val', global_batch_size=2, limit=3)
+  batches = [train.to_global(pipeline.device_batch(b), mesh) for b in it]
+  sums = evaluator._zero_sums(step, state, batches[0])
+  hlo = step.lower(state, batches[0], sums).as_text()
+  for marker in ('callback', 'host_compute', 'SendToHost', 'RecvFromHost', 'outfeed', 'infeed'):
+    assert marker not in hlo, marker
+  for batch in batches:
+    sums, _ = step(state, batch, sums)
+  assert step._cache_size() == 1  # zero-initialised sums: one executable for every batch
+
+
+def test_run_writes_overlays_images_and_noisy_runs(setup, tmp_path):
+  config, mesh, evaluator, state = setup
+  writer = RecordingWriter()
+  out = str(tmp_path / 'reports' / 'overlays' / 'val_5')
+  results = evaluator.run(state, 'val', 5, overlay_dir=out, writer=writer)
+  assert results['num_clips'] == 3 and 0.0 <= results['mIoU'] <= 1.0
+  files = sorted(os.listdir(out))
+  assert files == ['clip_00000.png', 'clip_00001.png', 'clip_00002.png']
+  names = set(overlays.class_names(config)[1:])
+  for f in files:
+    with Image.open(os.path.join(out, f)) as im:
+      assert set(json.loads(im.text['Legend'])) <= names
+  assert [t for t, *_ in writer.images] == [f'overlays_val/{f[:-4]}' for f in files]
+  path = evaluate.write_report(str(tmp_path), 'val', 5, config, results)
+  assert json.load(open(path))['metrics']['num_clips'] == 3
+  # The same compiled step evaluates noisy audio (the noise sweep's runs).
+  noisy = evaluator.run(state, 'val', 5, noise_snr=-10.0)
+  assert noisy['noise_snr_db'] == -10.0 and 0.0 <= noisy['mIoU'] <= 1.0
+  assert evaluator._step(False)._cache_size() == 1
