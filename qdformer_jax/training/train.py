@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -119,19 +120,27 @@ def make_train_step(graphdef, config, state_shardings, mesh):
 
     (loss, (terms, vq)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = dict(terms, loss=loss, grad_norm=optax_global_norm(grads))
+    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
     if vq is not None:
       usage = codebook_usage(vq['global_indices'], config.model.codebook_size)
       metrics.update(codebook_perplexity=usage['perplexity'], codebook_dead_codes=usage['dead_codes'])
+      tokens, indices = vq['global_tokens'].reshape(-1, vq['global_tokens'].shape[-1]), vq['global_indices']
+      if vq.get('local_indices') is not None:
+        local = codebook_usage(vq['local_indices'], config.model.codebook_size,
+                               jnp.broadcast_to(vq['local_valid'][..., None], vq['local_indices'].shape))
+        metrics['codebook_local_perplexity'] = local['perplexity']
+        # Restart candidates include the local tokens: a restart is not a gradient step (the codebook
+        # is still trained only by Eq. 9's first term), and codewords where the local tokens are keep
+        # the per-frame audio from collapsing onto one code.
+        tokens = jnp.concatenate([tokens, vq['local_tokens'].reshape(-1, tokens.shape[-1])])
+        indices = jnp.concatenate([indices.reshape(-1), vq['local_indices'].reshape(-1)])
+      if config.model.get('vq_restart_dead', False):
+        key = jax.random.fold_in(jax.random.key(config.seed), optimizer.step[...])
+        metrics['codebook_restarts'] = model.quantizer.restart_dead_codes(tokens, indices, key)
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
-
-
-def optax_global_norm(tree):
-  import optax
-  return optax.global_norm(tree)
 
 
 # -- loop ------------------------------------------------------------------------------------------
@@ -146,8 +155,9 @@ class _Progress:
     elapsed = time.time() - self.t0
     rate = (step - self.s0) / max(elapsed, 1e-9)
     eta = (self.total - step) / max(rate, 1e-9)
-    shown = ' '.join(f'{k}={metrics[k]:.4g}' for k in ('loss', 'loss_ce', 'loss_mask', 'loss_dice', 'loss_quant',
-                                                       'codebook_perplexity') if k in metrics)
+    shown = ' '.join(f'{k}={metrics[k]:.4g}' for k in ('loss', 'loss_class', 'loss_mask', 'loss_dice', 'loss_quant',
+                                                       'codebook_perplexity', 'codebook_local_perplexity', 'codebook_restarts')
+                 if k in metrics)
     return f'step {step}/{self.total} {shown} | {rate:.2f} steps/s, ETA {eta / 60:.1f} min'
 
 
@@ -210,7 +220,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ckpt.save(step, state, train_iter, {'step': step, 'config': config.name})
     if step % config.eval_every == 0 or step == total_steps:
       split = config.eval.split or config.data.eval_split
-      last_eval = evaluator.run(state, split, step)
+      last_eval = evaluator.run(state, split, step, writer=writer,
+                                overlay_dir=os.path.join(workdir, 'reports', 'overlays', f'{split}_{step}'))
       evaluation.write_report(workdir, split, step, config, last_eval, writer)
       ckpt.save_best(step, state, last_eval, {'step': step, 'config': config.name, 'split': split})
   ckpt.wait()
@@ -235,7 +246,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   split = config.eval.split or config.data.eval_split
   evaluator = evaluation.Evaluator(config, mesh, graphdef)
   writer = evaluation.make_writer(workdir) if jax.process_index() == 0 else None
-  results = evaluator.run(state, split, step)
+  results = evaluator.run(state, split, step, writer=writer,
+                          overlay_dir=os.path.join(workdir, 'reports', 'overlays', f'{split}_{step}'))
   evaluation.write_report(workdir, split, step, config, results, writer)
   if config.eval.noise_snrs:
     sweep = {snr: evaluator.run(state, split, step, noise_snr=snr) for snr in config.eval.noise_snrs}
