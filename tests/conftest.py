@@ -17,3 +17,10 @@ if '--xla_backend_optimization_level' not in _flags:
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'qdformer_jax_test_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def shared_dir():
+  """The steering repo's shared/ folder (beside the checkout), or /work/shared on the dev machines."""
+  from pathlib import Path
+  beside = Path(__file__).resolve().parents[2] / 'shared'
+  return beside if beside.exists() else Path('/work/shared')
