@@ -120,7 +120,7 @@ def make_train_step(graphdef, config, state_shardings, mesh):
 
     (loss, (terms, vq)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads))
     if vq is not None:
       usage = codebook_usage(vq['global_indices'], config.model.codebook_size)
       metrics.update(codebook_perplexity=usage['perplexity'], codebook_dead_codes=usage['dead_codes'])
