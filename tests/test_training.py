@@ -86,6 +86,39 @@ def test_train_step_is_one_program_compiled_once(data_dir):
   assert all(np.isfinite(losses))
 
 
+def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
+  """audio.trainable=False and frozen backbone stages: one train step leaves them bit-identical (not
+  in the optimizer: no update and no AdamW weight decay), while the rest of the model moves.
+
+  The weight decay is raised and the warm-up removed so that a decayed-but-frozen parameter would
+  change by far more than a float32 ulp in one step (lr 5e-4 x wd 0.05 = 2.5e-5 relative)."""
+  from flax import nnx
+  from qdformer_jax.training import optim
+  config = tiny_config(data_dir)
+  config.model.audio.trainable = False
+  config.model.backbone.frozen_stages = 1  # stem + layer1
+  config.optim.update(weight_decay=0.05, warmup_steps=0)
+  mesh = train.make_mesh(config)
+  graphdef, state, abstract = train.create_train_state(config, mesh, ())
+  model = nnx.merge(graphdef, state)[0]
+  in_optimizer = nnx.state(model, optim.trainable_filter(model))
+  assert 'audio_encoder' not in in_optimizer and 'conv1' not in in_optimizer['backbone']
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))  # host copies (the step donates)
+  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+  state, metrics = step(state, train.to_global(pipeline.device_batch(next(it)), mesh))
+  assert np.isfinite(float(metrics['loss']))
+  after = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
+  def changed(tree_a, tree_b):
+    return [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))]
+  assert not any(changed(before['audio_encoder'], after['audio_encoder']))
+  for frozen in ('conv1', 'layer1'):
+    assert not any(changed(before['backbone'][frozen], after['backbone'][frozen])), frozen
+  for trained in ('audio_proj', 'class_head'):
+    assert all(changed(before[trained], after[trained])), trained
+  assert all(changed(before['backbone']['layer2'], after['backbone']['layer2']))
+
+
 def test_smoke_run_writes_report_then_resumes(data_dir, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_config(data_dir), workdir)

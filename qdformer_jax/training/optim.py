@@ -1,8 +1,11 @@
 """Optimizer of DESIGN.md §6: AdamW, backbone lr × 0.5, step decay, global-norm clipping.
 
 Which parameters train is decided by an NNX filter (``trainable_filter``): every ``nnx.Param`` except
-the backbone's frozen stages (frozen BatchNorm values are not Params at all). The backbone's lower
-learning rate is an optax ``multi_transform`` over the path of each parameter.
+the backbone's frozen stages and, when ``model.audio.trainable`` is False, the audio encoder (frozen
+BatchNorm values are not Params at all). Parameters outside the filter are not in the optimizer, so
+they get neither updates nor AdamW's decoupled weight decay (a zero gradient would not stop the
+decay). The backbone's lower learning rate is an optax ``multi_transform`` over the path of each
+parameter.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import optax
 from flax import nnx
 
 from qdformer_jax.models.backbones import frozen_param_filter
+from qdformer_jax.models.layers import path_prefix_filter
 
 
 def total_and_drop_steps(config, steps_per_epoch: int) -> tuple[int, tuple[int, ...]]:
@@ -30,7 +34,12 @@ def learning_rate_schedule(base_lr: float, drop_steps, decay: float, warmup_step
 
 
 def trainable_filter(model) -> nnx.filterlib.Filter:
-  return nnx.All(nnx.Param, nnx.Not(frozen_param_filter(model.backbone, ('backbone',))))
+  """The Params the optimizer holds: all but the frozen backbone stages and a frozen audio encoder."""
+  frozen = [frozen_param_filter(model.backbone, ('backbone',))]
+  if not model.config.audio.trainable:
+    # Its output is under stop_gradient (QDFormer.encode_audio), but AdamW would still decay it.
+    frozen.append(path_prefix_filter([('audio_encoder',)]))
+  return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen)))
 
 
 def _labels(params):
