@@ -66,6 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4, backbone_lr_mult=0.5, weight_decay=5e-4, grad_clip=0.1,
       warmup_steps=0, decay_factor=0.1))
   c.batch_size = 4                  # global, clips
+  # Mesh (data, fsdp): this many devices share (split) the large parameters and their Adam moments;
+  # the rest is data parallel. Must divide the device count; 1 = pure data parallelism.
+  c.mesh_fsdp = 1
   c.eval_batch_size = 4
   c.num_epochs = 16
   c.lr_drop_epochs = (14,)
