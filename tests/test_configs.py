@@ -1,0 +1,151 @@
+"""Task configs (configs/s4.py, ms3.py, avss.py): the paper recipe, the ':' arguments, models that
+build (under ``nnx.eval_shape``, no compute), the main.py flag syntax, and one end-to-end ':smoke'
+training run of AVSS on the fake AVSBench release (tfds_builders/fixtures.py)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from configs import avss, ms3, s4
+from qdformer_jax.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = {'s4': s4, 'ms3': ms3, 'avss': avss}
+ARGS = ('', 'smoke', 'swin_t', 'smoke,swin_t')
+
+# DESIGN.md §4-6 and the AVSBench releases.
+RECIPES = {
+    's4': dict(name='avs_object', builder_config='s4', num_frames=5, binary=True, num_classes=1,
+               epochs=13, drops=(11,), best='J', resize='warp'),
+    'ms3': dict(name='avs_object', builder_config='ms3', num_frames=5, binary=True, num_classes=1,
+                epochs=13, drops=(11,), best='J', resize='warp'),
+    'avss': dict(name='avs_semantic', builder_config='all', num_frames=10, binary=False, num_classes=70,
+                 epochs=16, drops=(14,), best='mIoU', resize='short_side_crop'),
+}
+
+
+@pytest.mark.parametrize('arg', ARGS)
+@pytest.mark.parametrize('task', list(TASKS))
+def test_config_loads_with_the_paper_recipe(task, arg):
+  c = TASKS[task].get_config(arg)
+  r = RECIPES[task]
+  assert c.name == task
+  assert (c.data.name, c.data.builder_config, c.data.num_frames, c.data.binary, c.data.num_classes) == (
+      r['name'], r['builder_config'], r['num_frames'], r['binary'], r['num_classes'])
+  assert c.data.train_resize == r['resize']
+  assert c.best_metric == r['best']
+  assert (c.num_epochs, tuple(c.lr_drop_epochs)) == (r['epochs'], r['drops'])
+  assert c.data.data_dir is None  # the user's: --config.data.data_dir=...
+  smoke = 'smoke' in arg
+  if smoke:
+    assert c.total_steps > 0 and c.model.hidden_dim < 64 and c.data.image_size < 224
+    assert 0 < c.eval_every <= c.total_steps and c.checkpoint_every <= c.total_steps
+  else:
+    # Paper sizes (DESIGN.md §1, §6).
+    assert c.total_steps == 0 and c.data.image_size == 224 and c.batch_size == 4
+    assert (c.model.hidden_dim, c.model.num_queries, c.model.codebook_size) == (256, 5, 128)
+    assert (c.optim.learning_rate, c.optim.backbone_lr_mult, c.optim.weight_decay) == (1e-4, 0.5, 5e-4)
+    assert c.model.audio.encoder == 'vggish'
+  expected_backbone = 'swin_t' if 'swin_t' in arg else ('resnet18' if smoke else 'resnet50')
+  assert c.model.backbone.name == expected_backbone
+
+
+@pytest.mark.parametrize('arg', ['smok', 'smoke,resnet50,swin_t', 'vit'])
+def test_bad_config_argument_raises(arg):
+  with pytest.raises(ValueError, match='config argument'):
+    avss.get_config(arg)
+
+
+def test_main_py_command_line(tmp_path):
+  """The docstring command runs as written: main.py parses `configs/avss.py:smoke,swin_t` and the
+  `--config.*` overrides, and the job stops at the first thing it needs, the unbuilt dataset."""
+  data_dir = tmp_path / 'not_built'
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config', 'configs/avss.py:smoke,swin_t', '--workdir', str(tmp_path / 'w'),
+       f'--config.data.data_dir={data_dir}', '--config.model.dtype=bfloat16'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert f"avs_semantic/all is not built under '{data_dir}'" in proc.stderr
+  saved = json.load(open(tmp_path / 'w' / 'config.json'))
+  assert saved['model']['backbone']['name'] == 'swin_t' and saved['model']['dtype'] == 'bfloat16'
+  assert saved['data']['data_dir'] == str(data_dir)
+
+
+def test_mesh_fsdp_is_overridable_on_the_command_line(tmp_path):
+  """`mesh_fsdp` is declared in configs/base.py, so the locked config accepts --config.mesh_fsdp and
+  the value reaches train.make_mesh (3 divides neither 1 nor 8 devices: the mesh check fails)."""
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config', 'configs/synthetic.py:smoke', '--workdir', str(tmp_path / 'w'),
+       '--config.mesh_fsdp=3'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'mesh_fsdp=3 does not divide the' in proc.stderr, proc.stderr[-2000:]
+  assert json.load(open(tmp_path / 'w' / 'config.json'))['mesh_fsdp'] == 3
+
+
+def param_count(config) -> tuple[int, nnx.Module]:
+  model = nnx.eval_shape(lambda: build_model(config, 0))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))), model
+
+
+# Tracing a paper-sized model costs ~10 s: the ResNet-50 one is traced (and counted module by
+# module) in tests/test_model.py, the Swin-T one here; S4 and MS3 build the same model as AVSS but
+# for the class head (test_object_models_equal_avss_model). Every smoke model is built.
+BUILDS = [('avss', 'swin_t')] + [(t, 'smoke') for t in TASKS] + [('s4', 'smoke,swin_t')]
+
+
+@pytest.mark.parametrize('task,arg', BUILDS)
+def test_config_builds_under_eval_shape(task, arg):
+  c = TASKS[task].get_config(arg)
+  count, model = param_count(c)
+  assert model.class_head.layers[-1].out_features == c.data.num_classes
+  if arg == 'swin_t':
+    # Official Swin-T (28,288,354) without its classifier (769,000) and final LayerNorm (1,536), with
+    # the detection variant's LayerNorm on each of the 4 outputs (2 x (96 + 192 + 384 + 768)).
+    assert type(model.backbone).__name__ == 'SwinTransformer'
+    backbone = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.backbone, nnx.Param)))
+    assert backbone == 28_288_354 - 769_000 - 1_536 + 2 * (96 + 192 + 384 + 768)
+    assert count > 120_000_000
+  else:
+    assert count < 1_000_000  # smoke
+
+
+def test_object_models_equal_avss_model():
+  reference = avss.get_config().model.to_dict()
+  for task in ('s4', 'ms3'):
+    assert TASKS[task].get_config().model.to_dict() == reference, task
+    assert TASKS[task].get_config('swin_t').model.to_dict() == avss.get_config('swin_t').model.to_dict()
+
+
+def test_avss_smoke_run_on_fixtures_writes_report(tmp_path):
+  """python -m tfds_builders.fixtures + the avs_semantic builder, then one ':smoke' step with eval."""
+  from tfds_builders.avs_semantic import AvsSemantic
+  from tfds_builders.fixtures import write_fixtures
+  from qdformer_jax.training import train
+  raw = write_fixtures(tmp_path / 'raw')
+  data_dir = str(tmp_path / 'tfds')
+  AvsSemantic(config='all', data_dir=data_dir, file_format='array_record',
+              raw_dir=str(raw['avs_semantic'])).download_and_prepare()
+
+  c = avss.get_config('smoke')
+  c.data.data_dir = data_dir
+  c.total_steps = 1
+  c.lr_drop_steps = ()
+  c.eval_every = c.checkpoint_every = c.log_every = 1
+  workdir = str(tmp_path / 'run')
+  # Threefry partitionable draws of 4-D shapes take 10-20 s each to compile on XLA:CPU; the init
+  # values do not matter to this test.
+  with jax.threefry_partitionable(False):
+    results = train.train_and_evaluate(c, workdir)
+  report = json.load(open(os.path.join(workdir, 'reports', 'eval_val_latest.json')))
+  assert report['config'] == 'avss' and report['dataset'] == 'avs_semantic/all' and report['step'] == 1
+  assert report['metrics']['num_clips'] == 3  # the fixture's val split
+  assert 0.0 <= report['metrics']['mIoU'] <= 1.0 and 0.0 <= report['metrics']['F'] <= 1.0
+  assert results['mIoU'] == report['metrics']['mIoU']
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
