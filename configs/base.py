@@ -49,6 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.decoder_points = 4
   c.model.mask_dim = 256
   c.model.dynamic_channels = 8
+  # Iterative box refinement (Deformable-DETR with_box_refine; ReferFormer trains with
+  # --with_box_refine): each decoder layer's box (detached) is the next layer's reference. [lineage]
+  c.model.box_refine = True
   c.model.avsr_input = 'quantized'  # quantized | continuous
   # Table 2 ablation switches.
   c.model.decomposition = True
@@ -88,7 +91,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.num_overlays = 4
   c.eval.keep_padded_frames = True  # AVSS: count padded v1 frames as the official code does
   c.eval.official_batch_clips = 4   # AVSBench F per-batch mode groups this many clips
-  c.eval.shuffle_audio = False      # replace each clip's audio by another clip's (audio-use check)
+  c.eval.shuffle_audio = False      # eval mode: also score each clip with another clip's audio (audio-use check)
   c.eval.noise_snrs = ()            # e.g. (20, 10, 5, 0, -5): noise-robustness sweep (Fig. 7)
   c.eval.noise_seed = 0
   c.eval.noise_dir = ml_collections.config_dict.placeholder(str)  # wavs (e.g. AudioSet); None: pink noise

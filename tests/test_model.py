@@ -292,9 +292,44 @@ def test_ablation_switch(name, default_case):
   if name == 'bfloat16':
     # bfloat16 compute, float32 parameters: close to the float32 model at bfloat16 precision.
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    probs = jax.nn.sigmoid(outputs['pred_logits'])
-    ref = jax.nn.sigmoid(default_outputs['pred_logits'])
-    assert float(jnp.max(jnp.abs(probs - ref))) < 0.1
+    # With box refinement each layer samples around the previous layer's (bfloat16-rounded) box, so
+    # rounding compounds over the layers: bound the typical and the worst class probability error.
+    error = np.abs(np.asarray(jax.nn.sigmoid(outputs['pred_logits'])) -
+                   np.asarray(jax.nn.sigmoid(default_outputs['pred_logits'])))
+    print(f'bfloat16 vs float32 class probabilities: mean abs error {error.mean():.4f}, max {error.max():.4f}')
+    assert error.mean() < 0.02 and error.max() < 0.25
+
+
+# -- iterative box refinement ------------------------------------------------------------------------
+
+def test_box_refinement_feeds_each_layers_box_to_the_next(default_case):
+  """With ``box_refine`` (the tiny config's default) layer l+1 samples around layer l's box; without
+  it every layer uses the one learned point per slot. The refine heads are created last, so both
+  models share every other initial value: the first decoder layer, which has no previous box, agrees
+  exactly and the later layers differ."""
+  config, model, batch, (_, _, outputs, grads) = default_case
+  assert config.model.box_refine
+  assert len(model.refine_box_heads) == config.model.dec_layers - 1
+  assert module_grad_mass(grads)['refine_box_heads'] > 0.0
+  plain = build(tiny_config(box_refine=False))
+  assert len(plain.refine_box_heads) == 0
+  refined_params = dict(jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0])
+  plain_params = dict(jax.tree_util.tree_flatten_with_path(nnx.state(plain, nnx.Param).to_pure_dict())[0])
+  assert set(plain_params) < set(refined_params)
+  for path, value in plain_params.items():
+    np.testing.assert_array_equal(value, refined_params[path])
+  graphdef, state = nnx.split(plain)
+  plain_outputs = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b['frames'], b['log_mel'], b['frame_valid'],
+                                                                 train=False))(state, batch)
+  graphdef, state = nnx.split(model)
+  refined = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b['frames'], b['log_mel'], b['frame_valid'],
+                                                           train=False))(state, batch)
+  first, first_plain = refined['aux_outputs'][0], plain_outputs['aux_outputs'][0]
+  for key in ('pred_logits', 'pred_boxes', 'pred_masks'):
+    np.testing.assert_allclose(first[key], first_plain[key], rtol=1e-5, atol=1e-6)
+  # Later layers sample around the first layer's box instead of the learned point (at init the box
+  # heads output zero deltas, so the boxes agree but the sampled features, hence the logits, do not).
+  assert not np.allclose(refined['pred_logits'], plain_outputs['pred_logits'], atol=1e-4)
 
 
 # -- Eq. 7: dynamic mask head ------------------------------------------------------------------------
@@ -416,13 +451,33 @@ def test_full_avss_parameter_counts():
       'class_head': linear(d, d) + linear(d, c),
       'box_head': linear(d, d) + linear(d, 4),
       'filter_head': linear(d, d) + linear(d, filters),
+      'refine_box_heads': 3 * (linear(d, d) + linear(d, 4)),           # decoder layers 2..4 (box refine)
   }
   assert counts == expected
-  assert sum(counts.values()) == 124_565_237
+  assert sum(counts.values()) == 124_765_697
   # What the optimizer holds: all but the frozen stem + layer1 convolutions of the backbone and the
   # frozen VGGish (config.model.audio.trainable is False: no update, no weight decay).
   assert not config.model.audio.trainable
   trainable = nnx.state(model, optim.trainable_filter(model))
   assert 'audio_encoder' not in trainable
   frozen = 7 * 7 * 3 * 64 + (64 * 64 + 9 * 64 * 64 + 64 * 256 + 64 * 256) + 2 * (256 * 64 + 9 * 64 * 64 + 64 * 256)
-  assert sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)) == 124_565_237 - frozen - 72_141_184
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)) == 124_765_697 - frozen - 72_141_184
+
+
+def test_small_audio_net_keeps_pitch():
+  """The small audio encoder pools over time only, so the same spectral pattern at two pitches gives
+  two embeddings (pooling over frequency as well made them equal: the class of a synthetic sound is
+  mostly its fundamental). The shift is a multiple of the net's stride 8, so a frequency-pooled net
+  would give bit-equal outputs."""
+  from qdformer_jax.models.audio import SmallAudioNet
+  net = SmallAudioNet(8, rngs=nnx.Rngs(0))
+  low = np.full((1, 96, 64), -4.0, np.float32)
+  high = low.copy()
+  low[:, 16:48, 8:12] = 2.0
+  high[:, 16:48, 40:44] = 2.0
+  a, b = np.asarray(net(jnp.asarray(low))), np.asarray(net(jnp.asarray(high)))
+  assert a.shape == (1, 128)
+  assert np.abs(a - b).max() > 1e-3 * max(np.abs(a).max(), 1e-6)
+  # Time is pooled: shifting the pattern in time by the stride leaves the embedding unchanged.
+  later = np.roll(low, 8, axis=1)
+  np.testing.assert_allclose(np.asarray(net(jnp.asarray(later))), a, rtol=1e-5, atol=1e-6)

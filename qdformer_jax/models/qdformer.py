@@ -180,10 +180,20 @@ class QDFormer(nnx.Module):
                                rngs=rngs, dtype=dtype) for _ in range(cfg.dec_layers)])
     self.decoder_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
     self.class_head = modules.MLP(d, d, num_classes, 2, dtype=dtype, rngs=rngs)
+    # Iterative box refinement (Deformable-DETR ``with_box_refine``, used by ReferFormer): each decoder
+    # layer has its own box head, and its box (detached) is the next layer's reference, so the
+    # cross-attention of later layers samples where the object is. Off: one shared head, every layer
+    # samples around the same learned per-slot point.
+    self.box_refine = bool(cfg.get('box_refine', True))
+    # ``box_head`` serves the first layer (every layer without refinement), ``refine_box_heads`` the rest.
     self.box_head = modules.MLP(d, d, 4, 2, dtype=dtype, rngs=rngs, last_init=nnx.initializers.zeros)
     c = cfg.dynamic_channels
     num_filter_params = (cfg.mask_dim + 2) * c + c + c * c + c + c + 1
     self.filter_head = modules.MLP(d, d, num_filter_params, 2, dtype=dtype, rngs=rngs)
+    # Created last, so that a model with and without refinement share every other initial value.
+    self.refine_box_heads = nnx.List([
+        modules.MLP(d, d, 4, 2, dtype=dtype, rngs=rngs, last_init=nnx.initializers.zeros)
+        for _ in range(cfg.dec_layers - 1 if self.box_refine else 0)])
 
   # -- stages -------------------------------------------------------------------------------------
 
@@ -277,15 +287,22 @@ class QDFormer(nnx.Module):
     flat = jnp.concatenate([x.reshape(m, -1, d) for x in memory], axis=1)
     query_pos = jnp.broadcast_to(self.query_pos[...].astype(self.dtype), (m, n, d))
     reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))   # [M,N,2]
-    reference_levels = jnp.broadcast_to(reference[:, :, None, :], (m, n, len(shapes), 2))
     tgt = queries
     outputs = []
-    for layer in self.decoder:
+    for index, layer in enumerate(self.decoder):
+      # [M,N,L,2] points, or [M,N,L,4] boxes once a refining layer has predicted one.
+      reference_levels = jnp.broadcast_to(reference[:, :, None, :], (m, n, len(shapes), reference.shape[-1]))
       tgt = layer(tgt, query_pos, reference_levels, flat, shapes, deterministic=not train)
       hs = self.decoder_norm(tgt)
       logits = self.class_head(hs).astype(jnp.float32)
-      box = self.box_head(hs).astype(jnp.float32)
-      box = jax.nn.sigmoid(box.at[..., :2].add(modules.inverse_sigmoid(reference)))
+      box_head = self.refine_box_heads[index - 1] if self.box_refine and index else self.box_head
+      delta = box_head(hs).astype(jnp.float32)
+      if reference.shape[-1] == 4:
+        box = jax.nn.sigmoid(delta + modules.inverse_sigmoid(reference))
+      else:
+        box = jax.nn.sigmoid(delta.at[..., :2].add(modules.inverse_sigmoid(reference)))
+      if self.box_refine:
+        reference = jax.lax.stop_gradient(box)
       filters = self.filter_head(hs).astype(jnp.float32)
       masks = dynamic_mask(mask_features.astype(jnp.float32), filters, box[..., :2], self.config.dynamic_channels)
       outputs.append({'pred_logits': logits, 'pred_boxes': box, 'pred_masks': masks})
