@@ -11,19 +11,30 @@ from flax import nnx
 
 
 class SmallAudioNet(nnx.Module):
-  """Three strided 3×3 convs (width w, 2w, 4w), global average pool, Linear to 128, ReLU."""
+  """Three strided 3×3 convs (width w, 2w, 4w), mean over time, frequency × channels flattened,
+  Linear to 128, ReLU.
 
-  def __init__(self, width: int = 16, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  Only the time axis is pooled: like VGGish's flatten, the head keeps where in frequency each
+  feature is, so the absolute pitch of a sound (the fundamental and its partials) reaches the
+  embedding. Averaging over frequency as well would leave only pitch-invariant patterns.
+  """
+
+  def __init__(self, width: int = 16, *, dtype=jnp.float32, rngs: nnx.Rngs, num_bands: int = 64):
     chans = [1, width, 2 * width, 4 * width]
     self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=2, dtype=dtype, rngs=rngs)
                            for a, b in zip(chans[:-1], chans[1:])])
-    self.fc = nnx.Linear(chans[-1], 128, dtype=dtype, rngs=rngs)
+    bands = num_bands
+    for _ in self.convs:
+      bands = -(-bands // 2)  # 'SAME' padding, stride 2
+    self.fc = nnx.Linear(bands * chans[-1], 128, dtype=dtype, rngs=rngs)
 
   def __call__(self, log_mel):
+    """log_mel [B, frames, bands] -> [B, 128]."""
     x = log_mel[..., None]
     for conv in self.convs:
       x = jax.nn.relu(conv(x))
-    return jax.nn.relu(self.fc(x.mean(axis=(1, 2))))
+    x = x.mean(axis=1)  # over time: [B, bands', C]
+    return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
 
 
 def build_audio_encoder(config, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
