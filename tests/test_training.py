@@ -136,3 +136,27 @@ def test_smoke_run_writes_report_then_resumes(data_dir, tmp_path, caplog):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   report = json.load(open(os.path.join(workdir, 'reports', 'eval_val_latest.json')))
   assert report['step'] == 4
+
+  # The audio-use check: eval mode with shuffle_audio writes the plain report, the shuffled one
+  # beside it (not over it) and their difference.
+  config = tiny_config(data_dir, total_steps=4)
+  config.mode = 'eval'
+  config.eval.shuffle_audio = True
+  train.evaluate_checkpoint(config, workdir)
+  reports = os.path.join(workdir, 'reports')
+  plain = json.load(open(os.path.join(reports, 'eval_val_4.json')))['metrics']
+  shuffled = json.load(open(os.path.join(reports, 'eval_val_shuffled_audio_4.json')))['metrics']
+  assert plain['mIoU'] == report['metrics']['mIoU'] and plain['shuffle_audio'] is False
+  assert shuffled['shuffle_audio'] is True and shuffled['num_clips'] == 3
+  use = json.load(open(os.path.join(reports, 'audio_use_val_4.json')))['metrics']
+  assert use['mIoU'] == {'matched_audio': plain['mIoU'], 'shuffled_audio': shuffled['mIoU'],
+                         'drop': plain['mIoU'] - shuffled['mIoU']}
+
+
+def test_shuffled_audio_index_stays_among_real_clips():
+  from qdformer_jax.evaluation.evaluate import shifted_among_valid
+  np.testing.assert_array_equal(shifted_among_valid(np.array([True] * 4)), [1, 2, 3, 0])
+  # Padding copies at the end keep their own audio; no real clip hears one.
+  np.testing.assert_array_equal(shifted_among_valid(np.array([True, True, True, False, False])),
+                                [1, 2, 0, 3, 4])
+  np.testing.assert_array_equal(shifted_among_valid(np.array([True, False])), [0, 1])

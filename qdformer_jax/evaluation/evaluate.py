@@ -58,6 +58,16 @@ def semantic_labels(outputs, size: int, threshold: float = 0.5):
   return jnp.where(score >= threshold, label, 0).astype(jnp.int32)
 
 
+def shifted_among_valid(clip_valid):
+  """Index [B] that gives real clip i the audio of real clip i+1 (cyclically); padding clips keep
+  their own. Real clips come first in every eval batch (the padding copies are appended), so no real
+  clip hears a padding copy, which may be a copy of itself. A batch with a single real clip keeps
+  its audio (nothing to swap with)."""
+  index = jnp.arange(clip_valid.shape[0])
+  count = jnp.maximum(jnp.sum(clip_valid.astype(jnp.int32)), 1)
+  return jnp.where(index < count, (index + 1) % count, index)
+
+
 # -- the evaluator ---------------------------------------------------------------------------------
 
 class Evaluator:
@@ -82,8 +92,8 @@ class Evaluator:
     def eval_step(state, batch, sums):
       model, _ = nnx.merge(graphdef, state)
       log_mel = batch['log_mel']
-      if shuffle_audio:  # every clip hears another clip of the batch
-        log_mel = jnp.roll(log_mel, 1, axis=0)
+      if shuffle_audio:
+        log_mel = log_mel[shifted_among_valid(batch['clip_valid'])]
       outputs = model(batch['frames'], log_mel, batch['frame_valid'], train=False)
       valid = batch['gt_valid'] & batch['frame_valid'] & batch['clip_valid'][:, None]
       if binary:
@@ -178,24 +188,49 @@ def make_writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
-def write_report(workdir: str, split: str, step: int, config, results: dict, writer=None) -> str:
-  """DIR/reports/eval_<split>_<step>.json and eval_<split>_latest.json (process 0 only)."""
+def write_report(workdir: str, split: str, step: int, config, results: dict, writer=None,
+                 variant: str = '') -> str:
+  """DIR/reports/eval_<split>[_<variant>]_<step>.json and eval_<split>[_<variant>]_latest.json
+  (process 0 only). ``variant`` (e.g. 'shuffled_audio') keeps a diagnostic evaluation from
+  overwriting the report and the TensorBoard curve of the plain one."""
   if jax.process_index() != 0:
     return ''
   report = {'config': config.name, 'dataset': f'{config.data.name}/{config.data.builder_config}',
             'split': split, 'step': int(step), 'metrics': results,
             'modes': {k: v for k, v in METRIC_MODES.items() if k in results}}
+  name = f'{split}_{variant}' if variant else split
   out = os.path.join(workdir, 'reports')
   os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f'eval_{split}_{step}.json')
-  for p in (path, os.path.join(out, f'eval_{split}_latest.json')):
+  path = os.path.join(out, f'eval_{name}_{step}.json')
+  for p in (path, os.path.join(out, f'eval_{name}_latest.json')):
     with open(p, 'w') as f:
       json.dump(report, f, indent=2)
   if writer is not None:
     for k, v in results.items():
       if isinstance(v, float):
-        writer.add_scalar(f'eval_{split}/{k}', v, step)
+        writer.add_scalar(f'eval_{name}/{k}', v, step)
     writer.flush()
+  return path
+
+
+def write_audio_use_report(workdir: str, split: str, step: int, config, matched: dict,
+                           shuffled: dict) -> str:
+  """DIR/reports/audio_use_<split>_<step>.json: every metric with each clip's own audio, with
+  another clip's audio, and the drop (matched - shuffled). A model that ignores the audio drops 0."""
+  if jax.process_index() != 0:
+    return ''
+  metrics = {k: {'matched_audio': matched[k], 'shuffled_audio': shuffled[k],
+                 'drop': matched[k] - shuffled[k]}
+             for k in matched if isinstance(matched[k], float) and isinstance(shuffled.get(k), float)
+             and k in METRIC_MODES}
+  report = {'config': config.name, 'dataset': f'{config.data.name}/{config.data.builder_config}',
+            'split': split, 'step': int(step), 'metrics': metrics,
+            'shuffle': 'each real clip of an eval batch hears the next real clip of the batch (cyclically)'}
+  out = os.path.join(workdir, 'reports')
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f'audio_use_{split}_{step}.json')
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2)
   return path
 
 
