@@ -123,18 +123,34 @@ def test_object_models_equal_avss_model():
     assert TASKS[task].get_config('swin_t').model.to_dict() == avss.get_config('swin_t').model.to_dict()
 
 
-def test_avss_smoke_run_on_fixtures_writes_report(tmp_path):
-  """python -m tfds_builders.fixtures + the avs_semantic builder, then one ':smoke' step with eval."""
+@pytest.fixture(scope='module')
+def fixture_data(tmp_path_factory):
+  """The fake release (python -m tfds_builders.fixtures) built by the three AVSBench builders."""
+  from tfds_builders.avs_object import AvsObject
   from tfds_builders.avs_semantic import AvsSemantic
   from tfds_builders.fixtures import write_fixtures
-  from qdformer_jax.training import train
-  raw = write_fixtures(tmp_path / 'raw')
-  data_dir = str(tmp_path / 'tfds')
+  root = tmp_path_factory.mktemp('fixtures')
+  raw = write_fixtures(root / 'raw')
+  data_dir = str(root / 'tfds')
   AvsSemantic(config='all', data_dir=data_dir, file_format='array_record',
               raw_dir=str(raw['avs_semantic'])).download_and_prepare()
+  for config in ('s4', 'ms3'):
+    AvsObject(config=config, data_dir=data_dir, file_format='array_record',
+              raw_dir=str(raw['avs_object'])).download_and_prepare()
+  return data_dir
 
-  c = avss.get_config('smoke')
-  c.data.data_dir = data_dir
+
+# (task, dataset name in the report, metric checked, clips in the fixture's val split)
+SMOKE_RUNS = [('avss', 'avs_semantic/all', 'mIoU', 3), ('s4', 'avs_object/s4', 'J', None),
+              ('ms3', 'avs_object/ms3', 'J', None)]
+
+
+@pytest.mark.parametrize('task,dataset,metric,val_clips', SMOKE_RUNS)
+def test_smoke_run_on_fixtures_writes_report(task, dataset, metric, val_clips, fixture_data, tmp_path):
+  """configs/<task>.py:smoke on the fixtures: one train step, a checkpoint and an eval report."""
+  from qdformer_jax.training import train
+  c = TASKS[task].get_config('smoke')
+  c.data.data_dir = fixture_data
   c.total_steps = 1
   c.lr_drop_steps = ()
   c.eval_every = c.checkpoint_every = c.log_every = 1
@@ -144,8 +160,10 @@ def test_avss_smoke_run_on_fixtures_writes_report(tmp_path):
   with jax.threefry_partitionable(False):
     results = train.train_and_evaluate(c, workdir)
   report = json.load(open(os.path.join(workdir, 'reports', 'eval_val_latest.json')))
-  assert report['config'] == 'avss' and report['dataset'] == 'avs_semantic/all' and report['step'] == 1
-  assert report['metrics']['num_clips'] == 3  # the fixture's val split
-  assert 0.0 <= report['metrics']['mIoU'] <= 1.0 and 0.0 <= report['metrics']['F'] <= 1.0
-  assert results['mIoU'] == report['metrics']['mIoU']
+  assert report['config'] == task and report['dataset'] == dataset and report['step'] == 1
+  if val_clips is not None:
+    assert report['metrics']['num_clips'] == val_clips
+  assert report['metrics']['num_clips'] > 0
+  assert 0.0 <= report['metrics'][metric] <= 1.0
+  assert results[metric] == report['metrics'][metric]
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
