@@ -114,7 +114,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.codebook_size = 16
   c.model.num_queries = 3
   c.batch_size = 2
-  c.eval_batch_size = 2
+  # Binary tasks score AVSBench F per official test batch (eval.official_batch_clips clips).
+  c.eval_batch_size = c.eval.official_batch_clips if c.data.binary else 2
   c.total_steps = 6
   c.lr_drop_steps = (5,)
   c.log_every = 2

@@ -167,3 +167,19 @@ def test_smoke_run_on_fixtures_writes_report(task, dataset, metric, val_clips, f
   assert 0.0 <= report['metrics'][metric] <= 1.0
   assert results[metric] == report['metrics'][metric]
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+
+
+def test_binary_eval_batch_must_hold_whole_official_batches():
+  """The AVSBench F per-batch mode groups eval.official_batch_clips clips: an eval batch that is not
+  a multiple of it fails when the Evaluator is made (before training), naming both fields; every
+  ':smoke' config of a binary task has a valid one (it used to fail at its first evaluation)."""
+  from configs import synthetic
+  from qdformer_jax.evaluation import evaluate
+  for config in (s4.get_config('smoke'), ms3.get_config('smoke'), synthetic.get_config('smoke,single')):
+    assert config.data.binary
+    assert config.eval_batch_size % config.eval.official_batch_clips == 0
+    evaluate.Evaluator(config, None, None)
+  config = s4.get_config('smoke')
+  config.eval_batch_size = 2
+  with pytest.raises(ValueError, match='eval_batch_size=2 .* official_batch_clips=4'):
+    evaluate.Evaluator(config, None, None)

@@ -80,6 +80,14 @@ class Evaluator:
     self.binary = bool(config.data.binary)
     self.size = int(config.data.image_size)
     self.group = int(config.eval.official_batch_clips) * int(config.data.num_frames)
+    if self.binary and (config.eval.official_batch_clips < 1
+                        or config.eval_batch_size % config.eval.official_batch_clips):
+      # Checked here, before training starts, not at the first evaluation hours later.
+      raise ValueError(
+          f'config.eval_batch_size={config.eval_batch_size} must be a multiple of '
+          f'config.eval.official_batch_clips={config.eval.official_batch_clips}: the official AVSBench '
+          'F-score takes its max over thresholds per test batch of that many clips. Set '
+          '--config.eval_batch_size to a multiple of it (or change official_batch_clips).')
     self._steps = {}
     self._sums_template = None
 
