@@ -181,5 +181,5 @@ def test_binary_eval_batch_must_hold_whole_official_batches():
     evaluate.Evaluator(config, None, None)
   config = s4.get_config('smoke')
   config.eval_batch_size = 2
-  with pytest.raises(ValueError, match='eval_batch_size=2 .* official_batch_clips=4'):
+  with pytest.raises(ValueError, match=r'eval_batch_size=2 .*official_batch_clips=4'):
     evaluate.Evaluator(config, None, None)
