@@ -43,15 +43,23 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   c.model.vq_normalize = True
   c.model.vq_restart_dead = True
   c.model.num_queries = 4
+  # (model.box_refine stays on, as in base.py: measured here, 800 steps, val mIoU 0.43 with it and
+  # 0.36 without, where every decoder layer samples around one learned point per slot.)
 
   # Eq. 9 summed over d channels outweighs every other term here and the codebook collapsed to one
   # code (measured); per-channel mean keeps it on the scale of the segmentation terms.
   c.loss.quant_reduction = 'mean'
+  # Sigmoid focal loss (α 0.25, γ 2) compresses class probabilities towards 0.5 (a class that is
+  # right 80 % of the time is best predicted at p = 0.53), so few pixels reach the 0.5 score of
+  # DESIGN.md §3: validation mIoU stayed at the all-background 0.10 for 800 steps. γ = 0, α = 0.5
+  # (binary cross-entropy, calibrated) reached 0.36 in the same 800 steps.
+  c.loss.focal_gamma = 0.0
+  c.loss.focal_alpha = 0.5
   c.optim.update(learning_rate=5e-4, backbone_lr_mult=1.0, weight_decay=1e-4, grad_clip=1.0, warmup_steps=50)
   c.batch_size = 8
   c.eval_batch_size = 16
-  c.total_steps = 1200
-  c.lr_drop_steps = (1000,)
+  c.total_steps = 2200
+  c.lr_drop_steps = (1800,)
   c.log_every = 50
   c.eval_every = 400
   c.checkpoint_every = 200
