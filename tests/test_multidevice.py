@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import worker_processes
+
+REPO = worker_processes.REPO
 TIMEOUT_S = 900  # hard cap per worker: a hung worker is killed and the test fails
 REL_TOL = 1e-5
 
@@ -62,41 +62,22 @@ def tiny_config(data_dir: str, **changes):
   return c
 
 
-def _cache_dir() -> str:
-  return os.environ.get('QDF_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'qdformer_jax_test_xla_cache'))
 
 
-def _worker_env(devices: int) -> dict:
-  env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device_count')]
-  env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  return env
 
 
 def _start(role: str, devices: int, log_path: str, **kwargs) -> subprocess.Popen:
-  spec = json.dumps({'cache': _cache_dir(), 'kwargs': kwargs})
+  spec = json.dumps({'cache': worker_processes.cache_dir(), 'kwargs': kwargs})
   log = open(log_path, 'w')
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), role, spec], cwd=REPO,
-                          env=_worker_env(devices), stdout=log, stderr=subprocess.STDOUT,
+                          env=worker_processes.worker_env(devices), stdout=log, stderr=subprocess.STDOUT,
                           start_new_session=True)
   log.close()
   return proc
 
 
-def _kill(proc: subprocess.Popen):
-  if proc.poll() is None:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and nothing else
-    except ProcessLookupError:
-      pass
-  proc.wait()
 
 
-def _tail(path: str, n: int = 60) -> str:
-  with open(path, errors='replace') as f:
-    return ''.join(f.readlines()[-n:])
 
 
 def run_worker(role: str, devices: int, tmp: str, **kwargs) -> tuple[dict, float]:
@@ -108,12 +89,12 @@ def run_worker(role: str, devices: int, tmp: str, **kwargs) -> tuple[dict, float
   try:
     proc.wait(timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired:
-    _kill(proc)
-    pytest.fail(f'worker {role} timed out after {TIMEOUT_S} s; log tail:\n{_tail(log)}')
+    worker_processes.kill(proc)
+    pytest.fail(f'worker {role} timed out after {TIMEOUT_S} s; log tail:\n{worker_processes.tail(log)}')
   finally:
-    _kill(proc)
+    worker_processes.kill(proc)
   if proc.returncode != 0:
-    pytest.fail(f'worker {role} exited with {proc.returncode}; log tail:\n{_tail(log)}')
+    pytest.fail(f'worker {role} exited with {proc.returncode}; log tail:\n{worker_processes.tail(log)}')
   with open(out) as f:
     return json.load(f), time.time() - t0
 

@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import worker_processes
+
+REPO = worker_processes.REPO
 TIMEOUT_S = 900       # hard cap for the two workers
 PEER_GRACE_S = 30     # once one worker failed, the other gets this long before it is killed
 NUM_PROCESSES = 2
@@ -67,8 +67,6 @@ def tiny_config(data_dir: str, **changes):
   return c
 
 
-def _cache_dir() -> str:
-  return os.environ.get('QDF_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'qdformer_jax_test_xla_cache'))
 
 
 def _free_port() -> int:
@@ -81,27 +79,10 @@ def _free_port() -> int:
       return s.getsockname()[1]
 
 
-def _worker_env() -> dict:
-  env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device_count')]
-  env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={LOCAL_DEVICES}'])
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  return env
 
 
-def _kill(proc: subprocess.Popen):
-  if proc.poll() is None:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and nothing else
-    except ProcessLookupError:
-      pass
-  proc.wait()
 
 
-def _tail(path: str, n: int = 50) -> str:
-  with open(path, errors='replace') as f:
-    return ''.join(f.readlines()[-n:])
 
 
 def run_processes(tmp: str, **kwargs) -> tuple[list[dict], float]:
@@ -113,11 +94,11 @@ def run_processes(tmp: str, **kwargs) -> tuple[list[dict], float]:
     for i in range(NUM_PROCESSES):
       outs.append(os.path.join(tmp, f'process{i}.json'))
       logs.append(os.path.join(tmp, f'process{i}.log'))
-      spec = json.dumps({'cache': _cache_dir(), 'kwargs': dict(
+      spec = json.dumps({'cache': worker_processes.cache_dir(), 'kwargs': dict(
           kwargs, process_id=i, port=port, out=outs[-1])})
       with open(logs[-1], 'w') as log:
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), 'host', spec], cwd=REPO,
-                                      env=_worker_env(), stdout=log, stderr=subprocess.STDOUT,
+                                      env=worker_processes.worker_env(LOCAL_DEVICES), stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     deadline = t0 + TIMEOUT_S
     while any(p.poll() is None for p in procs):
@@ -128,11 +109,11 @@ def run_processes(tmp: str, **kwargs) -> tuple[list[dict], float]:
       time.sleep(0.5)
   except TimeoutError as e:
     for p in procs:
-      _kill(p)
-    pytest.fail(f'{e}; logs:\n' + '\n'.join(f'--- process {i}\n{_tail(l)}' for i, l in enumerate(logs)))
+      worker_processes.kill(p)
+    pytest.fail(f'{e}; logs:\n' + '\n'.join(f'--- process {i}\n{worker_processes.tail(l)}' for i, l in enumerate(logs)))
   finally:
     for p in procs:
-      _kill(p)
+      worker_processes.kill(p)
   results = []
   for i, (p, out) in enumerate(zip(procs, outs)):
     if os.path.exists(out):
@@ -142,7 +123,7 @@ def run_processes(tmp: str, **kwargs) -> tuple[list[dict], float]:
       if results and results[-1].get(GLOO_UNAVAILABLE):
         continue
       pytest.fail(f'process {i} exited with {p.returncode}; logs:\n' +
-                  '\n'.join(f'--- process {j}\n{_tail(l)}' for j, l in enumerate(logs)))
+                  '\n'.join(f'--- process {j}\n{worker_processes.tail(l)}' for j, l in enumerate(logs)))
   return results, time.time() - t0
 
 

@@ -1,0 +1,45 @@
+"""Helpers for tests that run JAX in worker subprocesses (fake CPU devices, multi-process gloo).
+
+XLA_FLAGS must be set before jax is imported, so multi-device and multi-host tests start fresh
+Python processes: the test file itself, run as a script with a role and a JSON spec. Imported by
+those tests both under pytest and in the workers (the tests folder is on sys.path in both).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cache_dir() -> str:
+  """The persistent XLA cache the workers share (QDF_TEST_XLA_CACHE overrides it)."""
+  return os.environ.get('QDF_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'qdformer_jax_test_xla_cache'))
+
+
+def worker_env(devices: int) -> dict:
+  """This environment with ``devices`` fake CPU devices, the CPU platform and the repo importable."""
+  env = dict(os.environ)
+  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device_count')]
+  env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def kill(proc: subprocess.Popen) -> None:
+  """Kills a worker started with ``start_new_session=True``: its own process group and nothing else."""
+  if proc.poll() is None:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  proc.wait()
+
+
+def tail(path: str, n: int = 60) -> str:
+  """The last ``n`` lines of a worker's log, for the failure message."""
+  with open(path, errors='replace') as f:
+    return ''.join(f.readlines()[-n:])
