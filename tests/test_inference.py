@@ -277,7 +277,9 @@ def test_predict_matches_model_and_evaluator(run, best):
   want = np_postprocess(out['raw'], 40, 48, 0.0, binary=False)
   np.testing.assert_allclose(out['scores'], want['scores'], atol=2e-6)
   np.testing.assert_array_equal(out['labels'], want['labels'])
-  assert len(np.unique(out['labels'])) > 1
+  # Not a constant map (the random weights may still put every pixel on one slot and class; the
+  # slot/class logic itself is checked on random outputs by test_postprocess_matches_evaluator_and_numpy).
+  assert np.ptp(out['scores']) > 1e-3
   labels = jax.jit(evaluate.semantic_labels, static_argnums=(1, 2))
   at_model = best.predict(model_frames[0], log_mel[0], threshold=0.0)  # log-mel input, S×S frames
   np.testing.assert_array_equal(at_model['labels'], labels(out['raw'], SIZE, 0.0))
