@@ -247,7 +247,11 @@ def test_noise_sweep_report_end_to_end(data_dir, tmp_path, monkeypatch):
   ckpt.wait()
   ckpt.close()
 
-  monkeypatch.setattr(train, 'create_train_state', stub_train_state)
+  def stub_abstract_state(config, mesh, drop_steps):
+    graphdef, _, abstract = stub_train_state(config, mesh, drop_steps)
+    return graphdef, abstract
+
+  monkeypatch.setattr(train, 'abstract_train_state', stub_abstract_state)
   config.mode = 'eval'
   config.eval.noise_snrs = (10.0, -20.0)
   clean = train.evaluate_checkpoint(config, workdir)

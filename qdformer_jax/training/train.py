@@ -76,15 +76,20 @@ def _model_and_optimizer(config, drop_steps):
   return model, optim.make_optimizer(model, config.optim, drop_steps)
 
 
-def create_train_state(config, mesh, drop_steps):
-  """(graphdef, state, abstract state with shardings); the state is created already sharded."""
+def abstract_train_state(config, mesh, drop_steps):
+  """(graphdef, abstract state with shardings): shapes only, nothing is initialised (restores)."""
   abstract = nnx.eval_shape(lambda: _model_and_optimizer(config, drop_steps))
   graphdef, abstract_state = nnx.split(abstract)
-  shardings = jax.tree.map(lambda x: param_sharding(mesh, x), abstract_state)
   abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=param_sharding(mesh, x)), abstract_state)
+  return graphdef, abstract_state
 
-  @functools.partial(jax.jit, out_shardings=shardings)
+
+def create_train_state(config, mesh, drop_steps):
+  """(graphdef, state, abstract state with shardings); the state is created already sharded."""
+  graphdef, abstract_state = abstract_train_state(config, mesh, drop_steps)
+
+  @functools.partial(jax.jit, out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))
   def init():
     return nnx.split(_model_and_optimizer(config, drop_steps))[1]
 
@@ -118,7 +123,10 @@ def make_train_step(graphdef, config, state_shardings, mesh):
       loss, terms = compute_loss(outputs, batch, config.loss, num_classes)
       return loss, (terms, outputs['vq'])
 
-    (loss, (terms, vq)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    # Differentiate only what the optimizer holds: no gradient tree for frozen VGGish (72M zeros)
+    # and no backward pass through the frozen backbone stages, which XLA then drops.
+    trainable = nnx.DiffState(0, optim.trainable_filter(model))
+    (loss, (terms, vq)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
     optimizer.update(model, grads)
     metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads))
     if vq is not None:
@@ -237,7 +245,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   with config.unlocked():
     config.data.data_dir = default_data_dir(config, workdir)
   mesh = make_mesh(config)
-  graphdef, _, abstract_state = create_train_state(config, mesh, ())
+  graphdef, abstract_state = abstract_train_state(config, mesh, ())  # restored, never initialised
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
   which = config.eval.checkpoint
   step = None if which in ('latest', 'best') else int(which)
