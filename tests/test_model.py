@@ -313,8 +313,8 @@ def test_box_refinement_feeds_each_layers_box_to_the_next(default_case):
   assert module_grad_mass(grads)['refine_box_heads'] > 0.0
   plain = build(tiny_config(box_refine=False))
   assert len(plain.refine_box_heads) == 0
-  refined_params = dict(jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0])
-  plain_params = dict(jax.tree_util.tree_flatten_with_path(nnx.state(plain, nnx.Param).to_pure_dict())[0])
+  refined_params = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0])
+  plain_params = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(plain, nnx.Param)))[0])
   assert set(plain_params) < set(refined_params)
   for path, value in plain_params.items():
     np.testing.assert_array_equal(value, refined_params[path])
