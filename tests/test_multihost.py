@@ -266,11 +266,8 @@ def _worker_main(role: str, spec: str):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   """Builds the tiny synthetic dataset once, in the parent, so workers only read it."""
-  from qdformer_jax.data import pipeline
   path = str(tmp_path_factory.mktemp('tfds'))
-  config = tiny_config(path)
-  for split in ('train', 'val'):
-    pipeline.load_source(config.data, split)
+  worker_processes.build_dataset(tiny_config(path))
   return path
 
 

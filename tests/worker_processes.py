@@ -43,3 +43,10 @@ def tail(path: str, n: int = 60) -> str:
   """The last ``n`` lines of a worker's log, for the failure message."""
   with open(path, errors='replace') as f:
     return ''.join(f.readlines()[-n:])
+
+
+def build_dataset(config, splits=('train', 'val')) -> None:
+  """Builds ``config.data``'s dataset splits in the parent process, so that workers only read them."""
+  from qdformer_jax.data import pipeline
+  for split in splits:
+    pipeline.load_source(config.data, split)
