@@ -131,11 +131,12 @@ class Evaluator:
     return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), replicated),
                         self._sums_template)
 
-  def run(self, state, split: str, step: int, *, shuffle_audio: bool | None = None,
+  def run(self, state, split: str, step: int, *, shuffle_audio: bool = False,
           noise_snr: float | None = None, overlay_dir: str | None = None, writer=None) -> dict:
     """Evaluates ``state`` on ``split``; returns the finalized metrics plus run facts.
 
-    shuffle_audio: give every clip another clip's audio (default ``config.eval.shuffle_audio``).
+    shuffle_audio: give every real clip the next real clip's audio (the audio-use check that eval
+      mode runs beside the plain evaluation when ``config.eval.shuffle_audio`` is set).
     noise_snr: mix background noise into every clip's waveform at this SNR (dB) before the
       log-mel (noise from ``config.eval.noise_dir``, else pink; seed ``config.eval.noise_seed``).
     overlay_dir: write PNG overlays of the first ``config.eval.num_overlays`` clips there (process
@@ -143,7 +144,6 @@ class Evaluator:
     """
     from qdformer_jax.training.train import to_global
     config = self.config
-    shuffle_audio = bool(config.eval.shuffle_audio) if shuffle_audio is None else shuffle_audio
     data_config = config.data
     if noise_snr is not None:
       data_config = data_config.copy_and_resolve_references()
@@ -196,6 +196,21 @@ def make_writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
+def _report_header(config, split: str, step: int) -> dict:
+  return {'config': config.name, 'dataset': f'{config.data.name}/{config.data.builder_config}',
+          'split': split, 'step': int(step)}
+
+
+def _write_json(workdir: str, name: str, report: dict) -> str:
+  """DIR/reports/<name>; returns its path."""
+  out = os.path.join(workdir, 'reports')
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, name)
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2)
+  return path
+
+
 def write_report(workdir: str, split: str, step: int, config, results: dict, writer=None,
                  variant: str = '') -> str:
   """DIR/reports/eval_<split>[_<variant>]_<step>.json and eval_<split>[_<variant>]_latest.json
@@ -203,16 +218,11 @@ def write_report(workdir: str, split: str, step: int, config, results: dict, wri
   overwriting the report and the TensorBoard curve of the plain one."""
   if jax.process_index() != 0:
     return ''
-  report = {'config': config.name, 'dataset': f'{config.data.name}/{config.data.builder_config}',
-            'split': split, 'step': int(step), 'metrics': results,
-            'modes': {k: v for k, v in METRIC_MODES.items() if k in results}}
+  report = dict(_report_header(config, split, step), metrics=results,
+                modes={k: v for k, v in METRIC_MODES.items() if k in results})
   name = f'{split}_{variant}' if variant else split
-  out = os.path.join(workdir, 'reports')
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f'eval_{name}_{step}.json')
-  for p in (path, os.path.join(out, f'eval_{name}_latest.json')):
-    with open(p, 'w') as f:
-      json.dump(report, f, indent=2)
+  path = _write_json(workdir, f'eval_{name}_{step}.json', report)
+  _write_json(workdir, f'eval_{name}_latest.json', report)
   if writer is not None:
     for k, v in results.items():
       if isinstance(v, float):
@@ -231,15 +241,9 @@ def write_audio_use_report(workdir: str, split: str, step: int, config, matched:
                  'drop': matched[k] - shuffled[k]}
              for k in matched if isinstance(matched[k], float) and isinstance(shuffled.get(k), float)
              and k in METRIC_MODES}
-  report = {'config': config.name, 'dataset': f'{config.data.name}/{config.data.builder_config}',
-            'split': split, 'step': int(step), 'metrics': metrics,
-            'shuffle': 'each real clip of an eval batch hears the next real clip of the batch (cyclically)'}
-  out = os.path.join(workdir, 'reports')
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f'audio_use_{split}_{step}.json')
-  with open(path, 'w') as f:
-    json.dump(report, f, indent=2)
-  return path
+  report = dict(_report_header(config, split, step), metrics=metrics,
+                shuffle='each real clip of an eval batch hears the next real clip of the batch (cyclically)')
+  return _write_json(workdir, f'audio_use_{split}_{step}.json', report)
 
 
 def _format(value) -> str:

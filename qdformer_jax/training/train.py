@@ -228,7 +228,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ckpt.save(step, state, train_iter, {'step': step, 'config': config.name})
     if step % config.eval_every == 0 or step == total_steps:
       split = config.eval.split or config.data.eval_split
-      last_eval = evaluator.run(state, split, step, writer=writer, shuffle_audio=False,
+      last_eval = evaluator.run(state, split, step, writer=writer,
                                 overlay_dir=os.path.join(workdir, 'reports', 'overlays', f'{split}_{step}'))
       evaluation.write_report(workdir, split, step, config, last_eval, writer)
       ckpt.save_best(step, state, last_eval, {'step': step, 'config': config.name, 'split': split})
@@ -254,7 +254,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   split = config.eval.split or config.data.eval_split
   evaluator = evaluation.Evaluator(config, mesh, graphdef)
   writer = evaluation.make_writer(workdir) if jax.process_index() == 0 else None
-  results = evaluator.run(state, split, step, writer=writer, shuffle_audio=False,
+  results = evaluator.run(state, split, step, writer=writer,
                           overlay_dir=os.path.join(workdir, 'reports', 'overlays', f'{split}_{step}'))
   evaluation.write_report(workdir, split, step, config, results, writer)
   if config.eval.shuffle_audio:
@@ -265,8 +265,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     logging.info('audio use %s step %d: %s', split, step, json.dumps(
         {k: {'matched': results[k], 'shuffled': shuffled[k]} for k in ('mIoU', 'J', 'F') if k in results}))
   if config.eval.noise_snrs:
-    sweep = {snr: evaluator.run(state, split, step, noise_snr=snr, shuffle_audio=False)
-             for snr in config.eval.noise_snrs}
+    sweep = {snr: evaluator.run(state, split, step, noise_snr=snr) for snr in config.eval.noise_snrs}
     evaluation.write_noise_report(workdir, split, step, config, results, sweep)
   if writer is not None:
     writer.close()
