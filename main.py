@@ -3,34 +3,39 @@
   python main.py --config configs/synthetic.py --workdir /tmp/qdf
   python main.py --config configs/avss.py --workdir gs://bucket/avss --config.data.data_dir=...
   python main.py --config configs/synthetic.py --workdir /tmp/qdf --config.mode=eval
+
+--verbosity=1 shows third-party (Orbax, TFDS, JAX) logs too; --debug keeps tracebacks of user errors.
 """
 from __future__ import annotations
-
-import logging
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from qdformer_jax import console
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and reports.', required=True)
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (multi-host TPU / GPU clusters).')
+flags.DEFINE_bool('debug', False, 'Show the traceback of errors a user can cause (bad value, missing file).')
 config_flags.DEFINE_config_file('config', None, 'Task config file (configs/*.py[:args]).', lock_config=True)
 
 
 def main(argv):
   del argv
+  console.setup(FLAGS.verbosity)
   if FLAGS.multihost:
     jax.distributed.initialize()
-  logging.getLogger().setLevel(logging.INFO)
   from qdformer_jax.training import train
   config = FLAGS.config
-  if config.mode == 'train':
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif config.mode == 'eval':
-    train.evaluate_checkpoint(config, FLAGS.workdir)
-  else:
-    raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+  with console.user_errors(FLAGS.debug):
+    if config.mode == 'train':
+      train.train_and_evaluate(config, FLAGS.workdir,
+                               config_arg=config_flags.get_config_filename(FLAGS['config']))
+    elif config.mode == 'eval':
+      train.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+      raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
 
 
 if __name__ == '__main__':

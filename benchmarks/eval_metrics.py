@@ -14,7 +14,7 @@ warm-up call, median over ``--reps`` calls:
   classes; S4: J, 255-threshold F curves, DAVIS sums where enabled), added to running sums;
 * ``eval step``: ``Evaluator``'s whole jitted step (forward + metrics, one XLA program).
 
-``--model small`` is the task config with ``configs.base.apply_smoke`` (ResNet-18 at width 8,
+``--model small`` is the task config with ``configs.common.apply_smoke`` (ResNet-18 at width 8,
 d = 32, 3 queries, small audio encoder); ``--model full`` the task config as published (ResNet-50,
 d = 256, VGGish); parameters are drawn host-side (values do not change the timings). Prints a table
 and a JSON line (also written to ``--json``).
@@ -39,8 +39,11 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from configs import avss, base, s4  # noqa: E402
-from qdformer_jax.evaluation import evaluate  # noqa: E402
+from configs import avss, common, s4  # noqa: E402
+from qdformer_jax import sharding  # noqa: E402
+from qdformer_jax.data import pipeline  # noqa: E402
+from qdformer_jax.evaluation import evaluator as evaluator_lib  # noqa: E402
+from qdformer_jax.evaluation import postprocess  # noqa: E402
 from qdformer_jax.evaluation import metrics as metrics_lib  # noqa: E402
 from qdformer_jax.training import train  # noqa: E402
 
@@ -50,7 +53,7 @@ TASKS = {'avss': avss.get_config, 's4': s4.get_config}
 def task_config(task: str, model: str, batch: int):
   config = TASKS[task]('')
   if model == 'small':
-    base.apply_smoke(config)
+    common.apply_smoke(config)
   if config.data.binary:  # the official S4/MS3 F groups whole test batches of 4 clips
     group = int(config.eval.official_batch_clips)
     batch = group * -(-batch // group)
@@ -60,7 +63,7 @@ def task_config(task: str, model: str, batch: int):
 
 def host_state(config, mesh):
   """(graphdef, state) of (model, optimizer) with parameters drawn in NumPy, replicated."""
-  abstract = nnx.eval_shape(lambda: train._model_and_optimizer(config, ()))
+  abstract = nnx.eval_shape(lambda: train.model_and_optimizer(config, ()))
   graphdef, abstract_state = nnx.split(abstract)
   replicated = NamedSharding(mesh, P())
   rng = np.random.default_rng(0)
@@ -96,7 +99,7 @@ def random_batch(config, batch: int, mesh) -> dict:
       'frame_valid': np.ones((batch, t), bool),
       'clip_valid': np.ones((batch,), bool),
   }
-  return train.to_global(host, mesh)
+  return pipeline.to_global(host, mesh)
 
 
 def median_seconds(fn, *args, reps: int) -> float:
@@ -112,10 +115,10 @@ def median_seconds(fn, *args, reps: int) -> float:
 def bench_task(task: str, model: str, batch: int, reps: int) -> dict:
   config = task_config(task, model, batch)
   batch = int(config.eval_batch_size)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   graphdef, state = host_state(config, mesh)
   data = random_batch(config, batch, mesh)
-  evaluator = evaluate.Evaluator(config, mesh, graphdef)
+  evaluator = evaluator_lib.Evaluator(config, mesh, graphdef)
   size, binary = evaluator.size, evaluator.binary
 
   @jax.jit
@@ -128,10 +131,10 @@ def bench_task(task: str, model: str, batch: int, reps: int) -> dict:
   def post_and_metrics(outputs, batch, sums):
     valid = batch['gt_valid'] & batch['frame_valid'] & batch['clip_valid'][:, None]
     if binary:
-      prob = evaluate.binary_probability(outputs, size)
+      prob = postprocess.binary_probability(outputs, size, size)
       new = metrics_lib.binary_accumulate(prob, batch['semantic'], valid, group_size=evaluator.group)
     else:
-      labels = evaluate.semantic_labels(outputs, size)
+      labels = postprocess.semantic_labels(outputs, size, size)
       padded = (~batch['frame_valid']) & batch['clip_valid'][:, None]
       new = metrics_lib.semantic_accumulate(
           labels, batch['semantic'], valid, padded, num_classes=config.data.num_classes + 1,

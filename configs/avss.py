@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import base, s4
+from configs import base, common
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -41,4 +41,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.num_epochs = 16
   c.lr_drop_epochs = (14,)
   c.best_metric = 'mIoU'
-  return s4.apply_variants(c, arg)
+  return common.apply_variants(c, arg)

@@ -83,6 +83,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.best_metric = 'mIoU'
+  # Evaluations during training and in eval mode (qdformer_jax/evaluation/evals.py): name -> entry
+  # (kind: segmentation | audio_use | noise; split: '' = eval.split or data.eval_split; every: 0 =
+  # eval_every, -1 = eval mode only). Checkpoints are ranked on `best_metric` of entry `best_eval`.
+  c.evals = ml_collections.ConfigDict({'val': {'kind': 'segmentation', 'split': '', 'every': 0}})
+  c.best_eval = 'val'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = ml_collections.config_dict.placeholder(str)  # None: data.eval_split
@@ -95,32 +100,4 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.noise_snrs = ()            # e.g. (20, 10, 5, 0, -5): noise-robustness sweep (Fig. 7)
   c.eval.noise_seed = 0
   c.eval.noise_dir = ml_collections.config_dict.placeholder(str)  # wavs (e.g. AudioSet); None: pink noise
-  return c
-
-
-def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A run that finishes in under two minutes on two CPU cores and still checkpoints and reports."""
-  c.model.backbone.name = 'resnet18'
-  c.model.backbone.width = 8
-  c.model.hidden_dim = 32
-  c.model.encoder.update(layers=1, heads=2, points=2, ffn_dim=64, dropout=0.0)
-  c.model.audio.update(encoder='small', width=8, trainable=True)
-  c.model.heads = 2
-  c.model.ffn_dim = 64
-  c.model.asd_layers = 1
-  c.model.dec_layers = 2
-  c.model.decoder_points = 2
-  c.model.mask_dim = 16
-  c.model.codebook_size = 16
-  c.model.num_queries = 3
-  c.batch_size = 2
-  # Binary tasks score AVSBench F per official test batch (eval.official_batch_clips clips).
-  c.eval_batch_size = c.eval.official_batch_clips if c.data.binary else 2
-  c.total_steps = 6
-  c.lr_drop_steps = (5,)
-  c.log_every = 2
-  c.eval_every = 6
-  c.checkpoint_every = 3
-  c.eval.limit = 4
-  c.eval.num_overlays = 1
   return c

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import s4
+from configs import common
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  return s4.avs_object_config('ms3', arg)
+  return common.avs_object_config('ms3', arg)

@@ -4,19 +4,23 @@
   python main.py --config configs/synthetic.py:smoke --workdir /tmp/qdf_smoke       # < 2 min
   python main.py --config configs/synthetic.py --workdir /tmp/qdf_synthetic --config.mode=eval
 
-Arguments after ':' (comma-separated): 'smoke'; 'single' | 'multi' | 'semantic' (builder config).
+Arguments after ':' (comma-separated): 'smoke'; 'single' | 'multi' | 'semantic' (builder config);
+unknown words are an error that lists the allowed ones.
 The model is narrow and the frames small so that ~15 minutes on 2 CPU cores learn the task.
 """
 from __future__ import annotations
 
-from configs import base
+from configs import base, common
+
+
+ARGS = {'smoke': ('smoke',), 'task': ('single', 'multi', 'semantic')}
 
 
 def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
-  args = [a for a in arg.split(',') if a]
+  args = common.parse_args(arg, ARGS)
   c = base.get_base_config()
   c.name = 'synthetic'
-  task = next((a for a in args if a in ('single', 'multi', 'semantic')), 'semantic')
+  task = args['task'] or 'semantic'
   c.data.name = 'synthetic_avs'
   c.data.builder_config = task
   c.data.image_size = 64
@@ -63,7 +67,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   c.log_every = 50
   c.eval_every = 400
   c.checkpoint_every = 200
-  if 'smoke' in args:
-    base.apply_smoke(c)
+  if args['smoke']:
+    common.apply_smoke(c)
     c.data.synthetic = {'train_clips': 16, 'validation_clips': 8, 'test_clips': 8}
   return c

@@ -7,7 +7,7 @@
   out['probability']   # float32 [B,T,H,W] foreground probability (binary configs), out['mask'] > threshold
 
 ``load`` accepts a workdir written by ``train_and_evaluate`` (``config.json`` plus Orbax checkpoints
-under ``checkpoints/<step>/`` and ``best/<step>/``) or one checkpoint step directory (holding
+under ``checkpoints/<step>/``, see ``qdformer_jax.workdir``) or one checkpoint step directory (holding
 ``state/``). It restores only the model, never the optimizer, onto one local device, whatever mesh
 the checkpoint was saved from (8 TPU chips -> one Colab GPU or a laptop CPU):
 
@@ -26,7 +26,7 @@ the checkpoint was saved from (8 TPU chips -> one Colab GPU or a laptop CPU):
 ``image_size`` (``transforms.eval_transform``, PIL bilinear), audio as VGGish log-mel
 (``waveform_to_log_mel`` + ``pad_examples``: one 0.96 s example per frame), the model in eval mode,
 then DESIGN.md §3 post-processing with the mask logits upsampled bilinearly to the input resolution
-(the formula of ``qdformer_jax.evaluation.evaluate``, which this matches exactly at the model's size).
+(``qdformer_jax.evaluation.postprocess``, the evaluator's own code).
 The model runs in one jitted program per model-input shape (B, T) and the post-processing in one per
 output size, so clips of many resolutions share the model's compilation.
 """
@@ -44,14 +44,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from qdformer_jax import workdir as workdir_lib
 from qdformer_jax.data import audio as audio_lib
-from qdformer_jax.data import transforms
+from qdformer_jax.data import registry, transforms
+from qdformer_jax.evaluation.postprocess import postprocess
 from qdformer_jax.models import build_model
+from qdformer_jax.training import checkpoint
 from qdformer_jax.training.checkpoint import abstract_saveable, from_saveable
 
-CONFIG_FILE = 'config.json'
-STATE_ITEM = 'state'
-WORKDIR_MANAGERS = {'best': 'best', 'latest': 'checkpoints'}  # which -> subdirectory of a workdir
 MODEL_KEY = '0'  # the model's key in the saved pure dict of nnx.state((model, optimizer))
 
 
@@ -87,9 +87,8 @@ def config_from_json(path) -> ml_collections.ConfigDict:
 
 def class_names(config) -> tuple[str, ...] | None:
   """Names by output class id (0 = background) for the dataset the config was trained on, or None."""
-  from qdformer_jax.evaluation import overlays
   try:
-    return tuple(overlays.class_names(config))
+    return registry.class_names(config.data)
   except ValueError:
     return None
 
@@ -97,46 +96,30 @@ def class_names(config) -> tuple[str, ...] | None:
 # -- checkpoint lookup -----------------------------------------------------------------------------
 
 def _is_step_dir(path: epath.Path) -> bool:
-  return (path / STATE_ITEM).is_dir()
-
-
-def _manager(directory: epath.Path, config) -> ocp.CheckpointManager:
-  """A read-only manager of a checkpoint directory (it lists finalized steps and ranks the best)."""
-  metric = config.get('best_metric') or None
-  mode = config.get('best_mode', 'max')
-  best_fn = None
-  if metric:
-    worst = float('-inf') if mode == 'max' else float('inf')
-    best_fn = lambda metrics: float(metrics.get(metric, worst))  # noqa: E731
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, best_fn=best_fn, best_mode=mode)
-  return ocp.CheckpointManager(directory, options=options)
+  return (path / workdir_lib.STATE_ITEM).is_dir()
 
 
 def _find_in_workdir(workdir: epath.Path, config, step: int | None, which: str | None):
   """(step directory, step) of the checkpoint a workdir holds for ``step`` / ``which``."""
-  kinds = ('best', 'latest') if which is None else (which,)
-  found = {}
-  for kind in kinds:
-    manager = _manager(workdir / WORKDIR_MANAGERS[kind], config)
-    try:
-      steps = list(manager.all_steps())
-      if step is not None:
-        chosen = step if step in steps else None
-      elif kind == 'best' and steps:
-        chosen = manager.best_step()
-        chosen = max(steps) if chosen is None else chosen
-      else:
-        chosen = manager.latest_step()
-    finally:
-      manager.close()
-    found[kind] = steps
-    if chosen is not None:
-      return workdir / WORKDIR_MANAGERS[kind] / str(chosen), int(chosen)
-  listing = ', '.join(f'{WORKDIR_MANAGERS[k]}/: {sorted(v) or "none"}' for k, v in found.items())
-  wanted = f'step {step}' if step is not None else 'a checkpoint'
-  raise FileNotFoundError(
-      f'{wanted} not found in {workdir} ({listing}). Pass a workdir written by train_and_evaluate '
-      f'(checkpoints/<step>/state, best/<step>/state) or a checkpoint step directory holding state/.')
+  directory = epath.Path(workdir_lib.checkpoints_dir(workdir))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    steps = sorted(manager.all_steps())
+    if step is not None:
+      chosen = step if step in steps else None
+    else:
+      best = checkpoint.best_step(manager, config.get('best_metric') or None, config.get('best_mode', 'max'))
+      latest = manager.latest_step()
+      chosen = latest if which == 'latest' else best if which == 'best' else (best if best is not None else latest)
+  finally:
+    manager.close()
+  if chosen is None:
+    wanted = f'step {step}' if step is not None else f'a {which} checkpoint' if which else 'a checkpoint'
+    raise FileNotFoundError(
+        f'{wanted} not found in {workdir} ({workdir_lib.CHECKPOINTS}/: {steps or "none"}). Pass a workdir '
+        f'written by train_and_evaluate ({workdir_lib.CHECKPOINTS}/<step>/{workdir_lib.STATE_ITEM}) or a '
+        f'checkpoint step directory holding {workdir_lib.STATE_ITEM}/.')
+  return directory / str(chosen), int(chosen)
 
 
 def _locate(path, step, which, config):
@@ -146,7 +129,7 @@ def _locate(path, step, which, config):
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: pass a training workdir or a checkpoint step directory')
-  if path.name == STATE_ITEM and _is_step_dir(path.parent):
+  if path.name == workdir_lib.STATE_ITEM and _is_step_dir(path.parent):
     path = path.parent
   if _is_step_dir(path):
     if step is not None or which is not None:
@@ -155,17 +138,17 @@ def _locate(path, step, which, config):
     if ocp.path.step.is_tmp_checkpoint(path):
       raise FileNotFoundError(f'{path} is an unfinished checkpoint (still being written or aborted)')
     if config is None:
-      config = config_from_json(path.parent.parent / CONFIG_FILE)
+      config = config_from_json(path.parent.parent / workdir_lib.CONFIG_FILE)
     number = int(path.name) if path.name.isdigit() else None
     return path, number, config
   if not path.is_dir():
     raise FileNotFoundError(f'{path} is not a directory: pass a training workdir or a checkpoint step directory')
-  if not any((path / d).is_dir() for d in WORKDIR_MANAGERS.values()):
+  if not (path / workdir_lib.CHECKPOINTS).is_dir():
     raise FileNotFoundError(
-        f'no checkpoints in {path}: expected a workdir written by train_and_evaluate (with checkpoints/ '
-        'or best/) or a checkpoint step directory holding state/')
+        f'no checkpoints in {path}: expected a workdir written by train_and_evaluate (with '
+        f'{workdir_lib.CHECKPOINTS}/) or a checkpoint step directory holding {workdir_lib.STATE_ITEM}/')
   if config is None:
-    config = config_from_json(path / CONFIG_FILE)
+    config = config_from_json(path / workdir_lib.CONFIG_FILE)
   step_dir, number = _find_in_workdir(path, config, None if step is None else int(step), which)
   return step_dir, number, config
 
@@ -249,10 +232,9 @@ def load(path, *, step: int | None = None, which: str | None = None, config=None
 
   Args:
     path: a workdir written by ``train_and_evaluate`` (its ``config.json`` is read) or a checkpoint
-      step directory such as ``WORKDIR/best/1200`` or ``WORKDIR/checkpoints/1000`` (the config is read
+      step directory such as ``WORKDIR/checkpoints/1000`` (the config is read
       from ``WORKDIR/config.json``). Local paths or any path Orbax reads (``gs://...``).
-    step: in a workdir, this step (looked up in ``best/`` and then ``checkpoints/`` unless ``which``
-      says where).
+    step: in a workdir, this step.
     which: in a workdir, ``'best'`` (best by ``config.best_metric``), ``'latest'`` or None: best if
       the workdir has one, else latest.
     config: the run's ConfigDict (or a dict), instead of reading ``config.json``.
@@ -262,36 +244,9 @@ def load(path, *, step: int | None = None, which: str | None = None, config=None
     config = ml_collections.ConfigDict(dict(config))
   step_dir, number, config = _locate(path, step, which, config)
   device = device or jax.local_devices()[0]
-  graphdef, state = restore_model_state(step_dir / STATE_ITEM, config, device)
+  graphdef, state = restore_model_state(step_dir / workdir_lib.STATE_ITEM, config, device)
   logging.info('restored the model of %s (step %s) onto %s', step_dir, number, device)
   return Predictor(graphdef, state, config, step=number, checkpoint_dir=str(step_dir), device=device)
-
-
-# -- post-processing (DESIGN.md §3) ----------------------------------------------------------------
-
-def postprocess(outputs: dict, threshold=0.5, *, height: int, width: int, binary: bool) -> dict:
-  """Per-pixel predictions at height×width from the model's per-slot outputs (jittable).
-
-  Mask logits [B,T,N,h,w] are upsampled bilinearly to height×width, then
-  binary: probability = max_i σ(class_{i,t}) · σ(M_{i,t}); mask = probability > threshold;
-  semantic: score(x, c) = max_i σ(class_{i,t}(c)) · σ(M_{i,t}(x)); labels = argmax_c + 1, or 0
-  (background) where the best score < threshold; ``scores`` holds that best score.
-  The same operations as ``evaluate.binary_probability`` / ``evaluate.semantic_labels``, which
-  produce size×size only.
-  """
-  masks = outputs['pred_masks']
-  masks = jax.nn.sigmoid(jax.image.resize(masks, masks.shape[:-2] + (height, width), 'bilinear'))
-  if binary:
-    cls = jax.nn.sigmoid(outputs['pred_logits'][..., 0])                     # [B,T,N]
-    probability = jnp.max(cls[..., None, None] * masks, axis=2)
-    return {'probability': probability, 'mask': probability > threshold}
-  probs = jax.nn.sigmoid(outputs['pred_logits'])                              # [B,T,N,C]
-  best_p, best_c = probs.max(-1), probs.argmax(-1)                             # [B,T,N]
-  scores = masks * best_p[..., None, None]                                     # [B,T,N,H,W]
-  slot = scores.argmax(axis=2)
-  score = scores.max(axis=2)
-  label = jnp.take_along_axis(best_c[..., None, None], slot[:, :, None], axis=2)[:, :, 0] + 1
-  return {'labels': jnp.where(score >= threshold, label, 0).astype(jnp.int32), 'scores': score}
 
 
 def _forward(graphdef, state, frames, log_mel, frame_valid) -> dict:
@@ -325,7 +280,7 @@ class Predictor:
     self.image_size = int(config.data.image_size)
     self.num_frames = int(config.data.num_frames)
     self.class_names = class_names(config)
-    self.audio_pad = 'zeros' if config.data.name == 'avs_semantic' else 'repeat'
+    self.audio_pad = registry.get(config.data.name).audio_pad
     self._forward = jax.jit(functools.partial(_forward, graphdef))
     self._postprocess = jax.jit(postprocess, static_argnames=('height', 'width', 'binary'))
 

@@ -174,12 +174,12 @@ def test_binary_eval_batch_must_hold_whole_official_batches():
   a multiple of it fails when the Evaluator is made (before training), naming both fields; every
   ':smoke' config of a binary task has a valid one (it used to fail at its first evaluation)."""
   from configs import synthetic
-  from qdformer_jax.evaluation import evaluate
+  from qdformer_jax.evaluation import evaluator as evaluator_lib
   for config in (s4.get_config('smoke'), ms3.get_config('smoke'), synthetic.get_config('smoke,single')):
     assert config.data.binary
     assert config.eval_batch_size % config.eval.official_batch_clips == 0
-    evaluate.Evaluator(config, None, None)
+    evaluator_lib.Evaluator(config, None, None)
   config = s4.get_config('smoke')
   config.eval_batch_size = 2
   with pytest.raises(ValueError, match=r'eval_batch_size=2 .*official_batch_clips=4'):
-    evaluate.Evaluator(config, None, None)
+    evaluator_lib.Evaluator(config, None, None)

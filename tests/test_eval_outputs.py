@@ -13,8 +13,10 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from configs import synthetic as synthetic_config
-from qdformer_jax.data import pipeline, synthetic
-from qdformer_jax.evaluation import evaluate, overlays
+from qdformer_jax import sharding
+from qdformer_jax.data import pipeline, registry, synthetic
+from qdformer_jax.evaluation import evaluator as evaluator_lib
+from qdformer_jax.evaluation import overlays, reports
 from qdformer_jax.training import train
 
 
@@ -34,7 +36,7 @@ def tiny_config(data_dir: str):
 def cheap_train_state(config, mesh, drop_steps):
   """``train.create_train_state`` with parameters drawn in NumPy (weights scaled by fan-in, norm
   variances and scales 1): the initialiser's XLA compile is the slowest part of a tiny test."""
-  abstract = nnx.eval_shape(lambda: train._model_and_optimizer(config, drop_steps))
+  abstract = nnx.eval_shape(lambda: train.model_and_optimizer(config, drop_steps))
   graphdef, abstract_state = nnx.split(abstract)
   replicated = NamedSharding(mesh, P())
   rng = np.random.default_rng(0)
@@ -78,22 +80,22 @@ class RecordingWriter:
 
 def test_class_names_per_dataset(tmp_path):
   c = tiny_config(str(tmp_path))
-  assert overlays.class_names(c) == ('background',) + synthetic.CLASS_NAMES[:8]
+  assert registry.class_names(c.data) == ('background',) + synthetic.CLASS_NAMES[:8]
   c.data.binary = True
-  assert overlays.class_names(c) == ('background', 'sounding')
+  assert registry.class_names(c.data) == ('background', 'sounding')
   c.data.update(binary=False, name='avs_semantic', num_classes=70)
-  names = overlays.class_names(c)
+  names = registry.class_names(c.data)
   # The released index (1-based, background = 1), independent of the builder's copy.
   from conftest import shared_dir
   label2idx = json.load(open(shared_dir() / 'avsbench' / 'label2idx.json'))
   assert len(names) == 71 and names == tuple(sorted(label2idx, key=label2idx.get))
   c.data.num_classes = 8
   with pytest.raises(ValueError, match='num_classes'):
-    overlays.class_names(c)
+    registry.class_names(c.data)
 
 
 def test_voc_palette_and_blend():
-  colours = overlays.palette(4)
+  colours = registry.palette(4)
   # PASCAL VOC: 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0).
   np.testing.assert_array_equal(colours, [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]])
   frame = np.full((2, 2, 3), 100, np.uint8)
@@ -122,7 +124,7 @@ def test_write_overlays_png_and_legend(tmp_path):
   with Image.open(paths[0]) as im:
     legend = json.loads(im.text['Legend'])
     pixels = np.asarray(im.convert('RGB'))
-  names = overlays.class_names(c)
+  names = registry.class_names(c.data)
   assert legend == [names[3], names[5]] == [synthetic.CLASS_NAMES[2], synthetic.CLASS_NAMES[4]]
   assert pixels.shape[0] > pixels.shape[1]  # one row per frame, GT | prediction side by side
   # The blended colour of class 3 (frame 100% covered region) appears in the picture.
@@ -136,17 +138,17 @@ def test_write_overlays_png_and_legend(tmp_path):
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   config = tiny_config(str(tmp_path_factory.mktemp('tfds')))
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   graphdef, state, _ = cheap_train_state(config, mesh, ())
   # One Evaluator for the module: its eval step compiles once.
-  return config, mesh, evaluate.Evaluator(config, mesh, graphdef), state
+  return config, mesh, evaluator_lib.Evaluator(config, mesh, graphdef), state
 
 
 def test_eval_step_is_one_program_without_callbacks(setup):
   config, mesh, evaluator, state = setup
   step = evaluator._step(False)
   it, _ = pipeline.make_eval_iterator(config.data, 'val', global_batch_size=2, limit=3)
-  batches = [train.to_global(pipeline.device_batch(b), mesh) for b in it]
+  batches = [pipeline.to_global(pipeline.device_batch(b), mesh) for b in it]
   sums = evaluator._zero_sums(step, state, batches[0])
   hlo = step.lower(state, batches[0], sums).as_text()
   for marker in ('callback', 'host_compute', 'SendToHost', 'RecvFromHost', 'outfeed', 'infeed'):
@@ -160,18 +162,20 @@ def test_run_writes_overlays_images_and_noisy_runs(setup, tmp_path):
   config, mesh, evaluator, state = setup
   writer = RecordingWriter()
   out = str(tmp_path / 'reports' / 'overlays' / 'val_5')
-  results = evaluator.run(state, 'val', 5, overlay_dir=out, writer=writer)
+  results = evaluator.run(state, 'val', collect=config.eval.num_overlays)
+  overlays.write_overlays(out, evaluator.collected, config, limit=config.eval.num_overlays, writer=writer,
+                          tag='overlays_val', step=5)
   assert results['num_clips'] == 3 and 0.0 <= results['mIoU'] <= 1.0
   files = sorted(os.listdir(out))
   assert files == ['clip_00000.png', 'clip_00001.png', 'clip_00002.png']
-  names = set(overlays.class_names(config)[1:])
+  names = set(registry.class_names(config.data)[1:])
   for f in files:
     with Image.open(os.path.join(out, f)) as im:
       assert set(json.loads(im.text['Legend'])) <= names
   assert [t for t, *_ in writer.images] == [f'overlays_val/{f[:-4]}' for f in files]
-  path = evaluate.write_report(str(tmp_path), 'val', 5, config, results)
+  path = reports.write_report(str(tmp_path), 'val', 5, config, results)
   assert json.load(open(path))['metrics']['num_clips'] == 3
   # The same compiled step evaluates noisy audio (the noise sweep's runs).
-  noisy = evaluator.run(state, 'val', 5, noise_snr=-10.0)
+  noisy = evaluator.run(state, 'val', noise_snr=-10.0)
   assert noisy['noise_snr_db'] == -10.0 and 0.0 <= noisy['mIoU'] <= 1.0
   assert evaluator._step(False)._cache_size() == 1

@@ -1,9 +1,9 @@
 """qdformer_jax.inference: restore a workdir's model on this device and predict like the evaluator.
 
 The workdir is written by the training code's own writers (``config.json`` as train_and_evaluate
-writes it, ``Checkpoints.save`` / ``save_best`` of the NNX state of ``(model, optimizer)``) in a
+writes it, ``Checkpoints.save`` of the NNX state of ``(model, optimizer)``) in a
 process with 2 devices, parameters split over an fsdp mesh axis, and restored here on one device. It
-holds two distinguishable weight sets: B at step 1 (best/), A at step 2 (checkpoints/). The
+holds two distinguishable weight sets: B at step 1 (evaluated: the best), A at step 2 (the latest). The
 weights are drawn in NumPy on the abstract state instead of running two train steps: compiling the
 model's initialiser and train step costs minutes on this shared 2-core machine, and a restore that
 is checked leaf by leaf against the saved arrays is a stronger test than one against trained weights.
@@ -24,11 +24,11 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
-from qdformer_jax import inference
+from qdformer_jax import inference, sharding
 from qdformer_jax.data import audio as audio_lib
 from qdformer_jax.data import synthetic as synthetic_data
 from qdformer_jax.data import transforms
-from qdformer_jax.evaluation import evaluate
+from qdformer_jax.evaluation import postprocess
 from qdformer_jax.models import build_model
 from qdformer_jax.training import optim, train
 from qdformer_jax.training.checkpoint import Checkpoints
@@ -92,11 +92,11 @@ def write_workdir(workdir: str, fsdp: int) -> None:
     return model, optim.make_optimizer(model, config.optim, (1,))
 
   graphdef, abstract = nnx.split(nnx.eval_shape(model_and_optimizer))
-  mesh = train.make_mesh(ml_collections.ConfigDict({'mesh_fsdp': fsdp}))
-  shardings = jax.tree.map(lambda x: train.param_sharding(mesh, x), abstract)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'mesh_fsdp': fsdp}))
+  shardings = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), abstract)
   states = {k: jax.device_put(fill(abstract, seed), shardings) for k, seed in (('B', 1), ('A', 2))}
   ckpt = Checkpoints(workdir, keep=3, best_metric=config.best_metric)
-  ckpt.save_best(1, states['B'], {'mIoU': 0.5}, {'step': 1, 'config': config.name, 'split': 'val'})
+  ckpt.save(1, states['B'], None, {'step': 1, 'config': config.name}, metrics={'mIoU': 0.5})
   ckpt.save(2, states['A'], None, {'step': 2, 'config': config.name})
   ckpt.wait()
   ckpt.close()
@@ -152,7 +152,7 @@ def test_config_round_trips(run):
 
 def test_load_picks_best_then_latest_then_step_dir(run, best):
   workdir, models = run['workdir'], run['models']
-  assert best.step == 1 and best.checkpoint_dir.endswith(os.path.join('best', '1'))
+  assert best.step == 1 and best.checkpoint_dir.endswith(os.path.join('checkpoints', '1'))
   assert_same_weights(best, models['B'])
   assert best.class_names == ('background',) + synthetic_data.class_names(8)
   latest = inference.load(workdir, which='latest')
@@ -161,12 +161,12 @@ def test_load_picks_best_then_latest_then_step_dir(run, best):
   step_dir = inference.load(os.path.join(workdir, 'checkpoints', '2'))
   assert step_dir.step == 2
   assert_same_weights(step_dir, models['A'])
-  located, step, _ = inference._locate(workdir, 2, None, None)  # not in best/: found in checkpoints/
+  located, step, _ = inference._locate(workdir, 2, None, None)
   assert (str(located), step) == (os.path.join(workdir, 'checkpoints', '2'), 2)
   located, step, _ = inference._locate(workdir, 1, None, None)
-  assert (str(located), step) == (os.path.join(workdir, 'best', '1'), 1)
+  assert (str(located), step) == (os.path.join(workdir, 'checkpoints', '1'), 1)
   # Saved from 2 devices with some parameters split over 'fsdp'; restored onto this one device.
-  saved = ocp.PyTreeCheckpointer().metadata(os.path.join(workdir, 'best', '1', 'state')).item_metadata.tree
+  saved = ocp.PyTreeCheckpointer().metadata(os.path.join(workdir, 'checkpoints', '1', 'state')).item_metadata.tree
   specs = [str(m.sharding.partition_spec) for m in jax.tree.leaves(saved['0'])]
   assert any('fsdp' in p for p in specs), specs[:3]
   assert {str(m.sharding.shape) for m in jax.tree.leaves(saved['0'])} == {'[1 2]'}
@@ -179,12 +179,12 @@ def test_load_errors(run, tmp_path):
     inference.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='does not exist'):
     inference.load(str(tmp_path / 'missing'))
-  with pytest.raises(FileNotFoundError, match=r'step 7 not found.*best/: \[1\], checkpoints/: \[2\]'):
+  with pytest.raises(FileNotFoundError, match=r'step 7 not found.*checkpoints/: \[1, 2\]'):
     inference.load(run['workdir'], step=7)
   with pytest.raises(ValueError, match='which must be'):
     inference.load(run['workdir'], which='last')
   with pytest.raises(ValueError, match='step directory'):
-    inference.load(os.path.join(run['workdir'], 'best', '1'), which='best')
+    inference.load(os.path.join(run['workdir'], 'checkpoints', '1'), which='best')
   other = run['config'].copy_and_resolve_references()
   other.model.codebook_size = 8
   with pytest.raises(ValueError, match=r'quantizer/codebook: checkpoint \(16, 32\)'):
@@ -224,13 +224,13 @@ def test_postprocess_matches_evaluator_and_numpy(binary):
   c = 1 if binary else 6
   raw = {'pred_logits': rng.normal(0, 2, (2, 3, 4, c)).astype(np.float32),
          'pred_masks': rng.normal(0, 3, (2, 3, 4, 5, 5)).astype(np.float32)}
-  post = jax.jit(inference.postprocess, static_argnames=('height', 'width', 'binary'))
+  post = jax.jit(postprocess.postprocess, static_argnames=('height', 'width', 'binary'))
   square = post(raw, 0.5, height=20, width=20, binary=binary)
   if binary:  # same operations; XLA may fuse them differently (1 ulp)
-    want = jax.jit(evaluate.binary_probability, static_argnums=1)(raw, 20)
+    want = jax.jit(postprocess.binary_probability, static_argnums=(1, 2))(raw, 20, 20)
     np.testing.assert_allclose(square['probability'], want, rtol=0, atol=3e-7)
   else:
-    np.testing.assert_array_equal(square['labels'], jax.jit(evaluate.semantic_labels, static_argnums=1)(raw, 20))
+    np.testing.assert_array_equal(square['labels'], jax.jit(postprocess.semantic_labels, static_argnums=(1, 2))(raw, 20, 20))
   for threshold in (0.5, 0.0):
     got = post(raw, threshold, height=13, width=22, binary=binary)
     want = np_postprocess(raw, 13, 22, threshold, binary)
@@ -280,11 +280,11 @@ def test_predict_matches_model_and_evaluator(run, best):
   # Not a constant map (the random weights may still put every pixel on one slot and class; the
   # slot/class logic itself is checked on random outputs by test_postprocess_matches_evaluator_and_numpy).
   assert np.ptp(out['scores']) > 1e-3
-  labels = jax.jit(evaluate.semantic_labels, static_argnums=(1, 2))
+  labels = jax.jit(postprocess.semantic_labels, static_argnums=(1, 2))
   at_model = best.predict(model_frames[0], log_mel[0], threshold=0.0)  # log-mel input, S×S frames
-  np.testing.assert_array_equal(at_model['labels'], labels(out['raw'], SIZE, 0.0))
+  np.testing.assert_array_equal(at_model['labels'], labels(out['raw'], SIZE, SIZE, 0.0))
   default = best.predict(model_frames[0], log_mel[0])
-  np.testing.assert_array_equal(default['labels'], labels(out['raw'], SIZE, 0.5))
+  np.testing.assert_array_equal(default['labels'], labels(out['raw'], SIZE, SIZE, 0.5))
 
   # One model program for all of these calls (same B, T); one post-processing program per size.
   assert best._forward._cache_size() == 1

@@ -113,8 +113,9 @@ def relative_error(a: float, b: float) -> float:
 def _one_device_mesh():
   import jax
   from jax.sharding import AxisType, Mesh
+  from qdformer_jax import sharding
   from qdformer_jax.training import train
-  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), train.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
 def _host_state(state) -> dict:
@@ -146,12 +147,13 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
   iterator), dumped and evaluated."""
   import jax
   from qdformer_jax.data import pipeline
-  from qdformer_jax.evaluation import evaluate
+  from qdformer_jax import sharding
+  from qdformer_jax.evaluation import evaluator as evaluator_lib
   from qdformer_jax.training import train
   from qdformer_jax.training.checkpoint import Checkpoints, from_saveable, to_saveable
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config(data_dir, mesh_fsdp=2)
-  mesh_fsdp = train.make_mesh(config)
+  mesh_fsdp = sharding.make_mesh(config)
   graphdef, state, abstract = train.create_train_state(config, mesh_fsdp, tuple(config.lr_drop_steps))
   split = _fsdp_split_leaves(state)
   init = _host_state(state)
@@ -159,17 +161,17 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
   del state
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
   batches = [pipeline.device_batch(next(it)) for _ in range(2)]
-  meshes = {'1': _one_device_mesh(), '8': train.make_mesh(tiny_config(data_dir, mesh_fsdp=1)), 'fsdp2': mesh_fsdp}
+  meshes = {'1': _one_device_mesh(), '8': sharding.make_mesh(tiny_config(data_dir, mesh_fsdp=1)), 'fsdp2': mesh_fsdp}
   result = {'fsdp_split_leaves': split, 'mesh_shapes': {k: dict(m.shape) for k, m in meshes.items()},
             'metrics': {}, 'seconds': {}}
   for name, mesh in meshes.items():  # 'fsdp2' last: its trained state is checkpointed below
     t0 = time.time()
-    shardings = jax.tree.map(lambda x: train.param_sharding(mesh, x), abstract)
+    shardings = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), abstract)
     st = jax.device_put(from_saveable(abstract, initial), shardings)
     step = train.make_train_step(graphdef, config, shardings, mesh)
     history = []
     for batch in batches:
-      st, metrics = step(st, train.to_global(batch, mesh))
+      st, metrics = step(st, pipeline.to_global(batch, mesh))
       history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     result['metrics'][name] = history
     result['seconds'][name] = round(time.time() - t0, 1)
@@ -184,7 +186,7 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
   following = next(it)  # the batch a resumed run must see next
   np.savez(dump, **{'init/' + k: v for k, v in init.items()}, **{'trained/' + k: v for k, v in trained.items()},
            **{'next/' + k: following[k] for k in pipeline.DEVICE_KEYS})
-  result['eval'] = evaluate.Evaluator(config, mesh_fsdp, graphdef).run(st, config.data.eval_split, 2)
+  result['eval'] = evaluator_lib.Evaluator(config, mesh_fsdp, graphdef).run(st, config.data.eval_split)
   result['seconds']['save_and_eval'] = round(time.time() - t0, 1)
   with open(out, 'w') as f:
     json.dump(result, f)
@@ -194,12 +196,13 @@ def worker_restore(data_dir: str, workdir: str, dump: str, out: str):
   """1 device: own initial state, restore of the 8-device checkpoint, comparisons, evaluation."""
   import jax
   from qdformer_jax.data import pipeline
-  from qdformer_jax.evaluation import evaluate
+  from qdformer_jax import sharding
+  from qdformer_jax.evaluation import evaluator as evaluator_lib
   from qdformer_jax.training import train
   from qdformer_jax.training.checkpoint import Checkpoints
   assert jax.device_count() == 1, jax.devices()
   config = tiny_config(data_dir, mesh_fsdp=1)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   graphdef, state, abstract = train.create_train_state(config, mesh, tuple(config.lr_drop_steps))
   ref = np.load(dump)
   init = _host_state(state)
@@ -216,7 +219,7 @@ def worker_restore(data_dir: str, workdir: str, dump: str, out: str):
   result['meta'], result['step'] = meta, step
   following = next(it)
   result['iterator_mismatch'] = [k for k in pipeline.DEVICE_KEYS if not np.array_equal(following[k], ref['next/' + k])]
-  result['eval'] = evaluate.Evaluator(config, mesh, graphdef).run(restored, config.data.eval_split, step)
+  result['eval'] = evaluator_lib.Evaluator(config, mesh, graphdef).run(restored, config.data.eval_split)
   with open(out, 'w') as f:
     json.dump(result, f)
 

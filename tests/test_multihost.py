@@ -176,21 +176,22 @@ def worker_host(process_id: int, port: int, data_dir: str, workdir: str, out: st
     return
   from jax.experimental import multihost_utils
   from qdformer_jax.data import pipeline
-  from qdformer_jax.evaluation import evaluate
+  from qdformer_jax import sharding
+  from qdformer_jax.evaluation import evaluator as evaluator_lib
   from qdformer_jax.training import train
   from qdformer_jax.training.checkpoint import Checkpoints
   result = {'process_index': jax.process_index(), 'process_count': jax.process_count(),
             'device_count': jax.device_count(), 'local_device_count': jax.local_device_count(), 'seconds': {}}
   t0 = time.time()
   config = tiny_config(data_dir)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   result['mesh'] = dict(mesh.shape)
 
   # Input split and global batch assembly.
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
   local = pipeline.device_batch(next(it))
-  batch = train.to_global(local, mesh)
+  batch = pipeline.to_global(local, mesh)
   result['global_shapes'] = {k: list(v.shape) for k, v in batch.items()}
   result['rows_match_local'] = _rows_match_local(batch, local, jax.process_index())
   np.savez(out + '.batch.npz', **{'local/' + k: v for k, v in local.items()},
@@ -238,9 +239,9 @@ def worker_host(process_id: int, port: int, data_dir: str, workdir: str, out: st
   result['eval_batches'] = []
   for host_batch in eval_it:
     keys = {'index': host_batch['index'], 'clip_valid': host_batch['clip_valid']}
-    gathered = _gather(train.to_global(keys, mesh), mesh)
+    gathered = _gather(pipeline.to_global(keys, mesh), mesh)
     result['eval_batches'].append({k: v.tolist() for k, v in gathered.items()})
-  result['eval'] = evaluate.Evaluator(config, mesh, graphdef).run(restored, config.data.eval_split, 1)
+  result['eval'] = evaluator_lib.Evaluator(config, mesh, graphdef).run(restored, config.data.eval_split)
   result['seconds']['eval'] = round(time.time() - t0, 1)
 
   with open(out, 'w') as f:

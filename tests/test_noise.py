@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from configs import synthetic as synthetic_config
-from qdformer_jax.data import audio, pipeline, records, synthetic
-from qdformer_jax.evaluation import noise
+from qdformer_jax import sharding
+from qdformer_jax.data import audio, noise, pipeline, records, registry, synthetic
 from qdformer_jax.training import checkpoint, train
 
 
@@ -122,7 +122,7 @@ def _with_noise(data_config, snr_db, seed=0):
 
 def test_synthetic_records_hold_their_waveform(data_dir):
   config = tiny_config(data_dir)
-  source = pipeline.load_source(config.data, 'val')
+  source = registry.open_source(config.data, 'val')
   record = source[1]
   index = int(record['clip_id'].decode().rsplit('_', 1)[1])  # TFDS stores clips in hashed-key order
   from tfds_builders.synthetic_avs import synthetic_avs_dataset_builder as builder
@@ -151,7 +151,7 @@ def test_noisy_log_mel_in_the_eval_pipeline(data_dir):
       np.testing.assert_array_equal(batch[key], clean[key])
     distance[snr] = float(np.mean(np.abs(batch['log_mel'] - clean['log_mel'])))
     # Independent reference for clip 0: pink noise of generator (seed, index), mixed by hand.
-    record = pipeline.load_source(config.data, 'val')[0]
+    record = registry.open_source(config.data, 'val')[0]
     wave = records.decode_audio(record)
     n = noise.pink_noise(wave.size, np.random.default_rng([0, 0]))
     mixed = wave + n * np.sqrt(np.mean(wave ** 2) / np.mean(n ** 2) / 10 ** (snr / 10))
@@ -191,7 +191,7 @@ def test_avsbench_records_hold_their_waveform(tmp_path):
       assert error.max() < 0.05 and error.mean() < 1e-3, (error.max(), error.mean())
       data_config = tiny_config(str(tmp_path)).data
       data_config.update(name=name, builder_config=cfg)
-      noisy = pipeline.clip_log_mel(dict(record, _index=i), _with_noise(data_config, 0.0))
+      noisy = pipeline.record_log_mel(dict(record, _index=i), _with_noise(data_config, 0.0))
       assert noisy.shape == (t, 96, 64)
       assert not np.allclose(noisy[:real], record['log_mel'][:real])
       assert not noisy[real:].any()  # AVSS v1 clips: the padded frames stay silent
@@ -232,7 +232,7 @@ class AudioDrivenModel(nnx.Module):
 def test_noise_sweep_report_end_to_end(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir)
   workdir = str(tmp_path / 'run')
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   replicated = NamedSharding(mesh, P())
 
   def stub_train_state(config, mesh, drop_steps):

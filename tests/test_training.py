@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
+from qdformer_jax import sharding
 from qdformer_jax.data import pipeline
 from qdformer_jax.training import train
 
@@ -69,18 +70,18 @@ def test_train_iterator_state_restores_next_batch(data_dir):
 
 def test_train_step_is_one_program_compiled_once(data_dir):
   config = tiny_config(data_dir)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   graphdef, state, abstract = train.create_train_state(config, mesh, (1,))
   step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
-  batch = train.to_global(pipeline.device_batch(next(it)), mesh)
+  batch = pipeline.to_global(pipeline.device_batch(next(it)), mesh)
   hlo = step.lower(state, batch).as_text()
   for marker in ('callback', 'host_compute', 'SendToHost', 'RecvFromHost', 'outfeed', 'infeed'):
     assert marker not in hlo, marker
   losses = []
   for _ in range(3):
     state, metrics = step(state, batch)
-    batch = train.to_global(pipeline.device_batch(next(it)), mesh)
+    batch = pipeline.to_global(pipeline.device_batch(next(it)), mesh)
     losses.append(float(metrics['loss']))
   assert step._cache_size() == 1
   assert all(np.isfinite(losses))
@@ -98,7 +99,7 @@ def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
   config.model.audio.trainable = False
   config.model.backbone.frozen_stages = 1  # stem + layer1
   config.optim.update(weight_decay=0.05, warmup_steps=0)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   graphdef, state, abstract = train.create_train_state(config, mesh, ())
   model = nnx.merge(graphdef, state)[0]
   in_optimizer = nnx.state(model, optim.trainable_filter(model))
@@ -106,7 +107,7 @@ def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))  # host copies (the step donates)
   step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
-  state, metrics = step(state, train.to_global(pipeline.device_batch(next(it)), mesh))
+  state, metrics = step(state, pipeline.to_global(pipeline.device_batch(next(it)), mesh))
   assert np.isfinite(float(metrics['loss']))
   after = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
   def changed(tree_a, tree_b):
@@ -154,7 +155,7 @@ def test_smoke_run_writes_report_then_resumes(data_dir, tmp_path, caplog):
 
 
 def test_shuffled_audio_index_stays_among_real_clips():
-  from qdformer_jax.evaluation.evaluate import shifted_among_valid
+  from qdformer_jax.evaluation.evaluator import shifted_among_valid
   np.testing.assert_array_equal(shifted_among_valid(np.array([True] * 4)), [1, 2, 3, 0])
   # Padding copies at the end keep their own audio; no real clip hears one.
   np.testing.assert_array_equal(shifted_among_valid(np.array([True, True, True, False, False])),

@@ -47,6 +47,6 @@ def tail(path: str, n: int = 60) -> str:
 
 def build_dataset(config, splits=('train', 'val')) -> None:
   """Builds ``config.data``'s dataset splits in the parent process, so that workers only read them."""
-  from qdformer_jax.data import pipeline
+  from qdformer_jax.data import registry
   for split in splits:
-    pipeline.load_source(config.data, split)
+    registry.open_source(config.data, split)

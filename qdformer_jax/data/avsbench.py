@@ -36,24 +36,13 @@ import numpy as np
 from PIL import Image
 
 from qdformer_jax.data import audio, records
+from qdformer_jax.data.classes import AVSS_CLASS_NAMES, NUM_AVSS_CLASSES, voc_palette  # noqa: F401
 
 SPLITS = ('train', 'val', 'test')
 OBJECT_FRAMES = 5  # S4 / MS3 clip length T
 AVSS_FRAMES = 10  # AVSS record length T (v1 clips padded)
 AVSS_LABELS = ('v1s', 'v1m', 'v2')
 AVSS_CLIP_FRAMES = {'v1s': 5, 'v1m': 5, 'v2': 10}
-
-# AVSS class names by 0-based id (label2idx.json minus 1; background = 0).
-AVSS_CLASS_NAMES = (
-    'background', 'accordion', 'airplane', 'axe', 'baby', 'bassoon', 'bell', 'bird', 'boat', 'boy',
-    'bus', 'car', 'cat', 'cello', 'clarinet', 'clipper', 'clock', 'dog', 'donkey', 'drum', 'duck',
-    'elephant', 'emergency-car', 'erhu', 'flute', 'frying-food', 'girl', 'goose', 'guitar', 'gun',
-    'guzheng', 'hair-dryer', 'handpan', 'harmonica', 'harp', 'helicopter', 'hen', 'horse',
-    'keyboard', 'leopard', 'lion', 'man', 'marimba', 'missile-rocket', 'motorcycle', 'mower',
-    'parrot', 'piano', 'pig', 'pipa', 'saw', 'saxophone', 'sheep', 'sitar', 'sorna', 'squirrel',
-    'tabla', 'tank', 'tiger', 'tractor', 'train', 'trombone', 'truck', 'trumpet', 'tuba', 'ukulele',
-    'utv', 'vacuum-cleaner', 'violin', 'wolf', 'woman')
-NUM_AVSS_CLASSES = len(AVSS_CLASS_NAMES)  # 71
 
 # The 23 S4 categories (folder names of s4_data).
 S4_CATEGORIES = (
@@ -88,16 +77,6 @@ class BadClip(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Palette (labels_rgb) and class ids.
-
-
-def voc_palette(num_colors: int = 256) -> np.ndarray:
-  """The PASCAL-VOC bit-interleaved palette: uint8 [num_colors, 3], id 0 black."""
-  ids = np.arange(num_colors)
-  palette = np.zeros((num_colors, 3), np.int64)
-  for j in range(8):
-    for channel in range(3):
-      palette[:, channel] |= ((ids >> (3 * j + channel)) & 1) << (7 - j)
-  return palette.astype(np.uint8)
 
 
 def class_ids_to_rgb(class_ids: np.ndarray, num_classes: int = NUM_AVSS_CLASSES) -> np.ndarray:

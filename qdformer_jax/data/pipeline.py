@@ -14,7 +14,7 @@ clip counts exactly once.
 
 Noise robustness: when the data config sets ``noise_snr_db`` (the evaluator does, per SNR of a
 sweep, with ``noise_seed`` and ``noise_dir``), each clip's log-mel is recomputed from its stored
-waveform with background noise mixed in at that SNR (``qdformer_jax.evaluation.noise``).
+waveform with background noise mixed in at that SNR (``qdformer_jax.data.noise``).
 """
 from __future__ import annotations
 
@@ -22,34 +22,13 @@ import logging
 import math
 
 import grain
+import jax
 import numpy as np
 
-from qdformer_jax.data import records, transforms
+from qdformer_jax import sharding
+from qdformer_jax.data import noise, records, registry, transforms
 
-DEVICE_KEYS = ('frames', 'log_mel', 'semantic', 'gt_valid', 'frame_valid')
-# How each builder pads a clip whose audio holds fewer VGGish examples than it has real frames.
-AUDIO_PAD_MODES = {'synthetic_avs': 'repeat', 'avs_object': 'repeat', 'avs_semantic': 'zeros'}
-
-
-def load_source(data_config, split: str):
-  """The random-access TFDS source of ``split``, building the synthetic dataset on first use."""
-  name = data_config.name
-  if name == 'synthetic_avs':
-    from tfds_builders.synthetic_avs import synthetic_avs_dataset_builder as synthetic
-    overrides = dict(image_size=int(data_config.image_size), num_frames=int(data_config.num_frames))
-    overrides.update(dict(data_config.get('synthetic', {})))
-    builder = synthetic.build(data_config.builder_config, data_config.data_dir, **overrides)
-  elif name in ('avs_object', 'avs_semantic'):
-    import tensorflow_datasets as tfds
-    import tfds_builders  # noqa: F401  (registers the AVSBench builders)
-    builder = tfds.builder(f'{name}/{data_config.builder_config}', data_dir=data_config.data_dir)
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f'{name}/{data_config.builder_config} is not built under {data_config.data_dir!r}: build it first with '
-          f'`python -m tfds_builders.{name} --raw_dir <AVSBench release> --data_dir {data_config.data_dir}`')
-  else:
-    raise ValueError(f"data.name must be 'synthetic_avs', 'avs_object' or 'avs_semantic', got {name!r}")
-  return builder.as_data_source(split=split)
+DEVICE_KEYS = ('frames', 'log_mel', 'semantic', 'gt_valid', 'frame_valid')  # + clip_valid in eval batches
 
 
 def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Generator | None) -> dict:
@@ -90,28 +69,24 @@ def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Genera
   out_masks[valid] = clip_masks
   return {
       'frames': out_frames,
-      'log_mel': clip_log_mel(record, data_config),
+      'log_mel': record_log_mel(record, data_config),
       'semantic': out_masks,
       'gt_valid': gt_valid,
       'frame_valid': frame_valid,
   }
 
 
-def clip_log_mel(record: dict, data_config) -> np.ndarray:
+def record_log_mel(record: dict, data_config) -> np.ndarray:
   """The clip's float32 [T, 96, 64] log-mel: as stored, or, when ``data_config.noise_snr_db`` is set,
   recomputed from the stored waveform with background noise at that SNR, deterministic per
-  (``noise_seed``, clip index) (noise from ``noise_dir``, else pink; see evaluation/noise.py)."""
+  (``noise_seed``, clip index) (noise from ``noise_dir``, else pink; see ``noise.py``)."""
   snr_db = data_config.get('noise_snr_db')
   if snr_db is None:
     return np.asarray(record['log_mel'], np.float32)
-  from qdformer_jax.evaluation import noise  # only noise evaluation needs it
-  if data_config.name not in AUDIO_PAD_MODES:
-    raise ValueError(f'data.name {data_config.name!r} has no audio pad mode; expected one of '
-                     f'{sorted(AUDIO_PAD_MODES)}')
   return noise.record_noisy_log_mel(
       record, float(snr_db), seed=int(data_config.get('noise_seed', 0) or 0),
       clip_index=item_index(record), noise_dir=data_config.get('noise_dir'),
-      pad_mode=AUDIO_PAD_MODES[data_config.name])
+      pad_mode=registry.get(data_config.name).audio_pad)
 
 
 class _DecodeTrain(grain.transforms.RandomMap):
@@ -149,7 +124,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, proce
   """Infinite, shuffled, checkpointable iterator of per-process batches."""
   if global_batch_size % process_count:
     raise ValueError(f'batch_size {global_batch_size} does not divide over {process_count} processes')
-  source = load_source(data_config, split or data_config.train_split)
+  source = registry.open_source(data_config, split or data_config.train_split)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
   ds = ds.random_map(_DecodeTrain(data_config))  # lazy: a process decodes only the clips it takes
   # Global batch k is per-process batch k * process_count + p of every process p, in process order.
@@ -161,7 +136,7 @@ def make_eval_iterator(data_config, split: str, *, global_batch_size: int, proce
                        process_count: int = 1, limit: int | None = None):
   """One pass over ``split``; every process yields the same number of batches; padding clips
   carry ``clip_valid = False`` and ``index = -1``. Returns (iterator, number of real clips)."""
-  source = load_source(data_config, split)
+  source = registry.open_source(data_config, split)
   total = len(source) if not limit else min(len(source), int(limit))
   per_process = global_batch_size // process_count
   if global_batch_size % process_count:
@@ -185,3 +160,11 @@ def make_eval_iterator(data_config, split: str, *, global_batch_size: int, proce
 def device_batch(batch: dict) -> dict:
   """The keys the jitted steps consume (host-only keys such as clip ids stay behind)."""
   return {k: v for k, v in batch.items() if k in DEVICE_KEYS or k == 'clip_valid'}
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Per-process numpy arrays -> global jax arrays sharded over the mesh's batch axes: each process
+  contributes its rows, ``jax.make_array_from_process_local_data`` joins them. Pass
+  ``device_batch(batch)`` for a step's input (host-only keys stay behind)."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in batch.items()}

@@ -30,9 +30,9 @@ import io
 import numpy as np
 from PIL import Image
 
-NUM_MEL_FRAMES = 96
-NUM_MEL_BINS = 64
-AUDIO_SAMPLE_RATE = 16000  # = qdformer_jax.data.audio.SAMPLE_RATE
+from qdformer_jax.data.audio import EXAMPLE_FRAMES as NUM_MEL_FRAMES
+from qdformer_jax.data.audio import NUM_MEL_BINS
+from qdformer_jax.data.audio import SAMPLE_RATE as AUDIO_SAMPLE_RATE
 
 
 def clip_features(num_frames: int):

@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdformer_jax.data import classes
+
 BETA2 = 0.3  # β² of the AVSBench and AVSS F-measures
 NUM_THRESHOLDS = 255  # AVSBench F: thresholds of the precision/recall curve
-AVSS_NUM_CLASSES = 71  # AVSS: 70 sounding classes + background (id 0)
+AVSS_NUM_CLASSES = classes.NUM_AVSS_CLASSES  # AVSS: 70 sounding classes + background (id 0)
 DAVIS_BOUND_TH = 0.008  # DAVIS F: boundary tolerance, fraction of the image diagonal
 
 _IOU_EPS = 1e-7  # official mask_iou

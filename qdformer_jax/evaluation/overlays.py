@@ -7,10 +7,11 @@ also stored in the PNG as a text chunk (key ``Legend``, a JSON list) so tools ca
 Drawn with Matplotlib's Agg canvas (no display, no pyplot state); the same images go to
 TensorBoard when a writer is given.
 
-Class names by semantic id (0 = background): binary tasks 'sounding'; ``synthetic_avs`` the
-generator's classes (``qdformer_jax.data.synthetic.class_names``); ``avs_semantic`` the released
-AVSS classes (``label2idx.json`` order minus one, ``qdformer_jax.data.avsbench.AVSS_CLASS_NAMES``,
-the list the builder stores in ``info.metadata['class_names']``).
+``render_frame`` draws one predicted frame (no ground truth) with its legend, for the overlays of
+``python -m qdformer_jax.predict``.
+
+Class names and colours by semantic id (0 = background) come from the dataset registry
+(``qdformer_jax.data.registry``).
 """
 from __future__ import annotations
 
@@ -19,35 +20,11 @@ import os
 
 import numpy as np
 
-from qdformer_jax.data import avsbench
+from qdformer_jax.data import registry
 
 MASK_ALPHA = 0.55
 PANEL_INCHES = 2.0
 DPI = 100
-
-
-def class_names(config) -> tuple[str, ...]:
-  """Names by semantic id (index 0 = 'background') for the dataset ``config.data`` describes."""
-  data = config.data
-  if data.binary:
-    return ('background', 'sounding')
-  if data.name == 'synthetic_avs':
-    from qdformer_jax.data import synthetic
-    return ('background',) + tuple(synthetic.class_names(int(data.num_classes)))
-  if data.name == 'avs_semantic':
-    names = avsbench.AVSS_CLASS_NAMES
-  else:
-    raise ValueError(f'no class names for a semantic {data.name!r} dataset; expected synthetic_avs or '
-                     'avs_semantic (or data.binary = True)')
-  if len(names) != int(data.num_classes) + 1:
-    raise ValueError(f'data.num_classes = {data.num_classes} but {data.name} has {len(names) - 1} '
-                     'foreground classes')
-  return names
-
-
-def palette(num_ids: int) -> np.ndarray:
-  """uint8 [num_ids, 3]: the PASCAL-VOC colour of every class id."""
-  return avsbench.voc_palette(max(int(num_ids), 1))
 
 
 def blend(frame: np.ndarray, labels: np.ndarray, colours: np.ndarray,
@@ -74,7 +51,7 @@ def render_clip(frames, gt, pred, gt_valid, frame_valid, names, title: str = '')
   from matplotlib.patches import Patch
 
   names = tuple(names)
-  colours = palette(len(names))
+  colours = registry.palette(len(names))
   shown = [t for t in range(len(frames)) if frame_valid[t]]
   if not shown:
     raise ValueError(f'clip {title!r} has no real frame to draw')
@@ -111,6 +88,64 @@ def render_clip(frames, gt, pred, gt_valid, frame_valid, names, title: str = '')
   return fig, legend
 
 
+FRAME_INCHES = (4.0, 8.0)  # render_frame: the narrowest and widest frame panel (400 / 800 px at DPI)
+LEGEND_ENTRY_INCHES = 1.8   # render_frame: legend columns get about this much width each
+
+
+def render_frame(frame, labels, names, title: str = '', *, inches: tuple[float, float] = FRAME_INCHES):
+  """A Matplotlib Figure (Agg canvas) of one predicted frame; returns (figure, legend names).
+
+  frame uint8 [H,W,3]; labels int class ids [H,W] (binary: 0/1 with names ('background',
+  'sounding')). The frame is drawn with the classes blended in (:func:`blend`, the palette of
+  ``render_clip``) at its own aspect ratio and its pixel width clipped to ``inches`` (min, max) at
+  ``DPI``, with a legend of the classes present below it and ``title`` above.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
+
+  names = tuple(names)
+  colours = registry.palette(len(names))
+  frame = np.asarray(frame, np.uint8)
+  labels = np.asarray(labels)
+  if frame.ndim != 3 or labels.shape != frame.shape[:2]:
+    raise ValueError(f'frame [H,W,3] and labels [H,W] must match, got {frame.shape} and {labels.shape}')
+  present = [int(c) for c in np.unique(labels) if c > 0]
+  for c in present:
+    if c >= len(names):
+      raise ValueError(f'class id {c} in frame {title!r} is outside the {len(names)} class names')
+  legend = [names[c] for c in present]
+
+  height, width = frame.shape[:2]
+  width_in = float(np.clip(width / DPI, *inches))
+  image_in = width_in * height / width
+  columns = max(1, min(max(1, len(present)), int(width_in // LEGEND_ENTRY_INCHES)))
+  legend_rows = max(1, -(-len(present) // columns))
+  legend_in, title_in = 0.1 + 0.2 * legend_rows, (0.3 if title else 0.0)
+  fig_h = image_in + legend_in + title_in
+  fig = Figure(figsize=(width_in, fig_h), dpi=DPI)
+  FigureCanvasAgg(fig)
+  ax = fig.add_axes((0, legend_in / fig_h, 1, image_in / fig_h))
+  ax.imshow(blend(frame, labels, colours), interpolation='nearest')
+  ax.set_axis_off()
+  handles = [Patch(facecolor=colours[c] / 255.0, edgecolor='black', label=f'{c} {names[c]}')
+             for c in present]
+  if not handles:
+    handles = [Patch(facecolor='white', edgecolor='black', label='no foreground')]
+  fig.legend(handles=handles, loc='lower center', ncol=columns, fontsize=8, frameon=False,
+             borderaxespad=0.1)
+  if title:
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / fig_h, va='top')
+  return fig, legend
+
+
+def save_figure(fig, path: str, legend) -> str:
+  """Saves a figure of :func:`render_clip` / :func:`render_frame` as a PNG with its legend names in
+  the text chunk ``Legend`` (a JSON list); returns the path."""
+  fig.savefig(path, dpi=DPI, metadata={'Legend': json.dumps(list(legend)), 'Software': 'qdformer_jax'})
+  return path
+
+
 def figure_to_array(fig) -> np.ndarray:
   """uint8 [H,W,3] RGB pixels of a Figure drawn on an Agg canvas."""
   fig.canvas.draw()
@@ -126,7 +161,7 @@ def write_overlays(overlay_dir: str, collected, config, *, limit: int, writer=No
   predicted class ids [b,T,S,S] of its first b clips (binary: 0/1). With a TensorBoard ``writer``
   each image is also added as ``{tag}/clip_<index>`` at ``step``. Returns the PNG paths.
   """
-  names = class_names(config)
+  names = registry.class_names(config.data)
   clips = [(host_batch, np.asarray(preds), i) for host_batch, preds in collected
            for i in range(np.shape(preds)[0]) if bool(host_batch['clip_valid'][i])][:limit]
   os.makedirs(overlay_dir, exist_ok=True)

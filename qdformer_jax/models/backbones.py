@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from qdformer_jax.models.layers import resolve_dtype
 from qdformer_jax.models.resnet import ResNet
 
 RESNET_NAMES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet101': 101}
@@ -36,23 +37,13 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
   return default if value is None else value
 
 
-def resolve_dtype(dtype: Any) -> Any:
-  """'float32' | 'bfloat16' | 'float16' | a jnp dtype -> the jnp dtype; anything else raises."""
-  names = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-  if isinstance(dtype, str):
-    if dtype not in names:
-      raise ValueError(f'backbone dtype must be one of {sorted(names)}, got {dtype!r}.')
-    return names[dtype]
-  return dtype
-
-
 def build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
   """The visual backbone `config.name` describes (see module docstring for the fields)."""
   name = _field(config, 'name')
   if name not in BACKBONE_NAMES:
     raise ValueError(f'backbone name must be one of {list(BACKBONE_NAMES)}, got {name!r} '
                      '(config field model.backbone.name).')
-  dtype = resolve_dtype(_field(config, 'dtype', jnp.float32))
+  dtype = resolve_dtype(_field(config, 'dtype', jnp.float32), 'model.backbone.dtype')
   frozen_stages = int(_field(config, 'frozen_stages', 1))
   if name in RESNET_NAMES:
     return ResNet(RESNET_NAMES[name], width=int(_field(config, 'width', 64)),

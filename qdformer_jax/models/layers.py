@@ -20,6 +20,19 @@ import numpy as np
 from flax import nnx
 
 
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def resolve_dtype(dtype: Any, field: str = 'dtype') -> Any:
+  """'float32' | 'bfloat16' | 'float16' | a jnp dtype -> the jnp dtype; an unknown name raises,
+  naming the config ``field`` it came from."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f'{field} must be one of {sorted(DTYPES)}, got {dtype!r}.')
+    return DTYPES[dtype]
+  return dtype
+
+
 class Frozen(nnx.Variable):
   """Base type of values that are loaded, stored and never updated by training."""
 

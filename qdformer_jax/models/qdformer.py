@@ -27,19 +27,13 @@ from qdformer_jax.models import modules
 from qdformer_jax.models.attention import TransformerDecoderLayer
 from qdformer_jax.models.audio import build_audio_encoder
 from qdformer_jax.models.backbones import build_backbone
+from qdformer_jax.models.layers import resolve_dtype
 from qdformer_jax.models.deformable import DeformableDecoderLayer, DeformableEncoder, sine_position_embedding
-from qdformer_jax.models.quantizer import VectorQuantizer
+from qdformer_jax.models.quantizer import VectorQuantizer, codebook_usage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DYNAMIC_LAYERS = 3  # CondInst: (mask_dim + 2) -> c -> c -> 1
-
-
-def dtype_from_name(name: str):
-  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-  if name not in dtypes:
-    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
-  return dtypes[name]
 
 
 class AVSR(nnx.Module):
@@ -143,7 +137,7 @@ class QDFormer(nnx.Module):
 
   def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
     cfg = config
-    dtype = dtype_from_name(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, 'model.dtype')
     d, n = cfg.hidden_dim, cfg.num_queries
     self.config = cfg
     self.dtype = dtype
@@ -279,6 +273,33 @@ class QDFormer(nnx.Module):
     final['aux_outputs'] = tuple(outputs[:-1])
     final['vq'] = vq
     return final
+
+  def train_diagnostics(self, outputs: dict, key: jax.Array) -> dict:
+    """Bookkeeping after the optimizer update, returned as metrics for the training log.
+
+    Codebook usage of the batch (perplexity and unused codes of the global tokens, perplexity of the
+    valid local tokens) and, with ``vq_restart_dead``, the restart of dead codewords (their number).
+    Runs inside the jitted train step; ``outputs`` are the forward pass's (before the update).
+    """
+    vq = outputs.get('vq')
+    if vq is None:
+      return {}
+    num_codes = self.config.codebook_size
+    usage = codebook_usage(vq['global_indices'], num_codes)
+    metrics = {'codebook_perplexity': usage['perplexity'], 'codebook_dead_codes': usage['dead_codes']}
+    tokens, indices = vq['global_tokens'].reshape(-1, vq['global_tokens'].shape[-1]), vq['global_indices']
+    if vq.get('local_indices') is not None:
+      local = codebook_usage(vq['local_indices'], num_codes,
+                             jnp.broadcast_to(vq['local_valid'][..., None], vq['local_indices'].shape))
+      metrics['codebook_local_perplexity'] = local['perplexity']
+      # Restart candidates include the local tokens: a restart is not a gradient step (the codebook
+      # is still trained only by Eq. 9's first term), and codewords where the local tokens are keep
+      # the per-frame audio from collapsing onto one code.
+      tokens = jnp.concatenate([tokens, vq['local_tokens'].reshape(-1, tokens.shape[-1])])
+      indices = jnp.concatenate([indices.reshape(-1), vq['local_indices'].reshape(-1)])
+    if self.config.get('vq_restart_dead', False):
+      metrics['codebook_restarts'] = self.quantizer.restart_dead_codes(tokens, indices, key)
+    return metrics
 
   def decode(self, queries, memory, mask_features, *, train: bool):
     """TrD_segm + heads for M = B·T frames; returns a list (one per decoder layer) of output dicts."""

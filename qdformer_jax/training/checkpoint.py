@@ -1,8 +1,10 @@
-"""Orbax checkpoints: atomic, keep-N latest (with the data iterator) plus keep-1 best by metric.
+"""Orbax checkpoints of a run: one manager, keep the latest N plus the best by metric.
 
-Layout under the workdir:
-  checkpoints/<step>/{state, data, meta}   the resumable train state, grain iterator state, JSON meta
-  best/<step>/{state, meta}                the best evaluation so far (``config.best_metric``)
+Every checkpoint step (``<workdir>/checkpoints/<step>/``, see ``qdformer_jax.workdir``) holds the
+train state, the grain iterator state and a JSON meta item; a step that was evaluated also holds the
+evaluation's metrics. One ``CheckpointManager`` with a preservation policy (``LatestN`` or ``BestN``
+by ``config.best_metric``) decides what is kept, so a step that is both the latest and the best is
+written once.
 
 ``state`` is the pure nested dict of the NNX state of ``(model, optimizer)`` (PRNG keys stored as
 raw key data), so it restores onto any mesh: give ``restore`` the abstract target with the shardings
@@ -10,12 +12,15 @@ of the new mesh (8 TPU chips -> 1 Colab GPU) and Orbax reshards while reading.
 """
 from __future__ import annotations
 
-import os
+import math
 
+import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import checkpoint_managers
+
+from qdformer_jax import workdir as workdir_lib
 
 
 def _is_key(x) -> bool:
@@ -49,63 +54,83 @@ def from_saveable(abstract_state: nnx.State, restored: dict) -> nnx.State:
   return state
 
 
+def metric_rank(metrics, metric: str, mode: str = 'max') -> float:
+  """The value a checkpoint is ranked by, larger is better; a missing or non-finite metric ranks last."""
+  try:
+    value = float((metrics or {})[metric])
+  except (KeyError, TypeError, ValueError):
+    return -math.inf
+  if not math.isfinite(value):
+    return -math.inf
+  return value if mode == 'max' else -value
+
+
+def best_step(manager: ocp.CheckpointManager, metric: str | None, mode: str = 'max') -> int | None:
+  """The step with the best ``metric`` among the manager's steps that hold metrics, or None."""
+  if not metric:
+    return None
+  ranked = []
+  for step in manager.all_steps():
+    metrics = manager.metrics(step)
+    if metrics is not None and metric_rank(metrics, metric, mode) > -math.inf:
+      ranked.append((metric_rank(metrics, metric, mode), step))
+  return max(ranked)[1] if ranked else None
+
+
 class Checkpoints:
-  """The two managers of a workdir."""
+  """The checkpoint manager of a workdir."""
 
   def __init__(self, workdir: str, keep: int = 3, best_metric: str | None = None, best_mode: str = 'max'):
-    self.latest = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=('state', 'data', 'meta'))
-    self.best_metric = best_metric
-    self.best = None
+    self.best_metric, self.best_mode = best_metric, best_mode
+    policies = [checkpoint_managers.LatestN(n=keep)]
+    rank = None
     if best_metric:
-      self.best = ocp.CheckpointManager(
-          os.path.join(os.path.abspath(workdir), 'best'),
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, best_fn=lambda m: float(m[best_metric]), best_mode=best_mode, create=True),
-          item_names=('state', 'meta'))
+      rank = lambda m: metric_rank(m, best_metric, best_mode)  # noqa: E731
+      policies.append(checkpoint_managers.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False))
+    self.manager = ocp.CheckpointManager(
+        workdir_lib.checkpoints_dir(workdir),
+        # best_fn makes Orbax write a step's metrics; the preservation policy decides what is kept.
+        options=ocp.CheckpointManagerOptions(
+            create=True, best_fn=rank, best_mode='max',
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)),
+        item_names=(workdir_lib.STATE_ITEM, workdir_lib.DATA_ITEM, workdir_lib.META_ITEM))
 
   def latest_step(self) -> int | None:
-    return self.latest.latest_step()
+    return self.manager.latest_step()
 
-  def save(self, step: int, state: nnx.State, data_iterator, meta: dict):
-    import grain
-    args = {'state': ocp.args.StandardSave(to_saveable(state)), 'meta': ocp.args.JsonSave(meta)}
+  def best_step(self) -> int | None:
+    return best_step(self.manager, self.best_metric, self.best_mode)
+
+  def save(self, step: int, state: nnx.State, data_iterator, meta: dict, metrics: dict | None = None):
+    """Saves ``step`` (asynchronously); ``metrics`` (an evaluation of this step) rank it for best."""
+    args = {workdir_lib.STATE_ITEM: ocp.args.StandardSave(to_saveable(state)),
+            workdir_lib.META_ITEM: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.latest.save(step, args=ocp.args.Composite(**args))
-
-  def save_best(self, step: int, state: nnx.State, metrics: dict, meta: dict):
-    if self.best is None or self.best_metric not in metrics:
-      return
-    self.best.save(step, metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                   args=ocp.args.Composite(state=ocp.args.StandardSave(to_saveable(state)),
-                                           meta=ocp.args.JsonSave(meta)))
+      args[workdir_lib.DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
 
   def restore(self, abstract_state: nnx.State, *, step: int | None = None, data_iterator=None,
               which: str = 'latest'):
-    """Restores (state, meta) and, when given, the data iterator in place."""
-    import grain
-    manager = self.latest if which == 'latest' else self.best
-    if manager is None:
-      raise ValueError(f'no {which!r} checkpoints are kept by this workdir')
+    """Restores (state, meta, step) of ``step``, else of the latest or best one (``which``), and,
+    when given, the data iterator in place."""
+    if which not in ('latest', 'best'):
+      raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
     if step is None:
-      step = manager.best_step() if which == 'best' else manager.latest_step()
+      step = self.best_step() if which == 'best' else self.latest_step()
     if step is None:
-      raise FileNotFoundError(f'no {which} checkpoint in {manager.directory}')
-    args = {'state': ocp.args.StandardRestore(abstract_saveable(abstract_state)), 'meta': ocp.args.JsonRestore()}
-    if data_iterator is not None and which == 'latest':
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-    return from_saveable(abstract_state, restored['state']), dict(restored['meta']), step
+      raise FileNotFoundError(f'no {which} checkpoint in {self.manager.directory}')
+    args = {workdir_lib.STATE_ITEM: ocp.args.StandardRestore(abstract_saveable(abstract_state)),
+            workdir_lib.META_ITEM: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      args[workdir_lib.DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return (from_saveable(abstract_state, restored[workdir_lib.STATE_ITEM]),
+            dict(restored[workdir_lib.META_ITEM]), step)
 
   def wait(self):
-    self.latest.wait_until_finished()
-    if self.best is not None:
-      self.best.wait_until_finished()
+    self.manager.wait_until_finished()
 
   def close(self):
-    self.latest.close()
-    if self.best is not None:
-      self.best.close()
+    self.manager.close()

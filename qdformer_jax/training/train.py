@@ -1,7 +1,8 @@
 """The training loop, top to bottom: mesh, data, sharded state, jitted step, checkpoints, evals.
 
 Importable from Colab: ``train_and_evaluate(config, workdir)`` runs the job ``main.py`` runs;
-``create_train_state`` and ``make_train_step`` are the pieces.
+``evaluate_checkpoint(config, workdir)`` is eval mode; ``create_train_state`` and
+``make_train_step`` are the pieces.
 
 Every step is one XLA program: frames enter as uint8 and are normalised on the device, the Hungarian
 matching runs inside the step, the train state is donated, shapes are static (the step compiles once)
@@ -10,79 +11,39 @@ and the step's metrics accumulate on the device between log lines.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from qdformer_jax.data import pipeline
-from qdformer_jax.evaluation import evaluate as evaluation
+from qdformer_jax import sharding
+from qdformer_jax import workdir as workdir_lib
+from qdformer_jax.data import pipeline, registry
+from qdformer_jax.evaluation import evals, reports
+from qdformer_jax.evaluation.evaluator import Evaluator, check_eval_batch
 from qdformer_jax.losses.criterion import compute_loss
 from qdformer_jax.models import build_model
-from qdformer_jax.models.quantizer import codebook_usage
 from qdformer_jax.training import optim
 from qdformer_jax.training.checkpoint import Checkpoints
 
-BATCH_AXES = ('data', 'fsdp')
-
-
-# -- mesh and shardings ----------------------------------------------------------------------------
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """All devices as a (data, fsdp) mesh; ``config.mesh_fsdp`` (default 1) devices share parameters."""
-  fsdp = int(config.get('mesh_fsdp', 1))
-  n = jax.device_count()
-  if n % fsdp:
-    raise ValueError(f'mesh_fsdp={fsdp} does not divide the {n} devices')
-  # Auto axes: GSPMD propagates shardings through the model (no per-op sharding annotations).
-  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def param_sharding(mesh, x) -> NamedSharding:
-  """Replicated, or split over 'fsdp' along the largest divisible axis when the mesh has one."""
-  fsdp = mesh.shape['fsdp']
-  shape = getattr(x, 'shape', ())
-  if fsdp > 1 and len(shape) >= 1 and np.prod(shape) >= 2 ** 14:
-    for axis in np.argsort(shape)[::-1]:
-      if shape[axis] % fsdp == 0:
-        spec = [None] * len(shape)
-        spec[axis] = 'fsdp'
-        return NamedSharding(mesh, P(*spec))
-  return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def to_global(batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global jax arrays sharded over the batch axis."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
 # -- state -----------------------------------------------------------------------------------------
 
-def _model_and_optimizer(config, drop_steps):
+
+def model_and_optimizer(config, drop_steps):
+  """The model and its optimizer as ``config`` describes them (initialised; trace under
+  ``nnx.eval_shape`` for shapes only)."""
   model = build_model(config, config.seed)
   return model, optim.make_optimizer(model, config.optim, drop_steps)
 
 
 def abstract_train_state(config, mesh, drop_steps):
   """(graphdef, abstract state with shardings): shapes only, nothing is initialised (restores)."""
-  abstract = nnx.eval_shape(lambda: _model_and_optimizer(config, drop_steps))
-  graphdef, abstract_state = nnx.split(abstract)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=param_sharding(mesh, x)), abstract_state)
-  return graphdef, abstract_state
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: model_and_optimizer(config, drop_steps)))
+  return graphdef, sharding.shard_abstract(mesh, abstract_state)
 
 
 def create_train_state(config, mesh, drop_steps):
@@ -91,7 +52,7 @@ def create_train_state(config, mesh, drop_steps):
 
   @functools.partial(jax.jit, out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))
   def init():
-    return nnx.split(_model_and_optimizer(config, drop_steps))[1]
+    return nnx.split(model_and_optimizer(config, drop_steps))[1]
 
   return graphdef, init(), abstract_state
 
@@ -113,6 +74,7 @@ def load_pretrained(config, state, graphdef):
 # -- step ------------------------------------------------------------------------------------------
 
 def make_train_step(graphdef, config, state_shardings, mesh):
+  """The jitted train step: (state, global batch) -> (state, metrics); the state is donated."""
   num_classes = config.data.num_classes
 
   def train_step(state, batch):
@@ -121,76 +83,78 @@ def make_train_step(graphdef, config, state_shardings, mesh):
     def loss_fn(model):
       outputs = model(batch['frames'], batch['log_mel'], batch['frame_valid'], train=True)
       loss, terms = compute_loss(outputs, batch, config.loss, num_classes)
-      return loss, (terms, outputs['vq'])
+      return loss, (terms, outputs)
 
     # Differentiate only what the optimizer holds: no gradient tree for frozen VGGish (72M zeros)
     # and no backward pass through the frozen backbone stages, which XLA then drops.
     trainable = nnx.DiffState(0, optim.trainable_filter(model))
-    (loss, (terms, vq)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
+    (loss, (terms, outputs)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
     optimizer.update(model, grads)
     metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads))
-    if vq is not None:
-      usage = codebook_usage(vq['global_indices'], config.model.codebook_size)
-      metrics.update(codebook_perplexity=usage['perplexity'], codebook_dead_codes=usage['dead_codes'])
-      tokens, indices = vq['global_tokens'].reshape(-1, vq['global_tokens'].shape[-1]), vq['global_indices']
-      if vq.get('local_indices') is not None:
-        local = codebook_usage(vq['local_indices'], config.model.codebook_size,
-                               jnp.broadcast_to(vq['local_valid'][..., None], vq['local_indices'].shape))
-        metrics['codebook_local_perplexity'] = local['perplexity']
-        # Restart candidates include the local tokens: a restart is not a gradient step (the codebook
-        # is still trained only by Eq. 9's first term), and codewords where the local tokens are keep
-        # the per-frame audio from collapsing onto one code.
-        tokens = jnp.concatenate([tokens, vq['local_tokens'].reshape(-1, tokens.shape[-1])])
-        indices = jnp.concatenate([indices.reshape(-1), vq['local_indices'].reshape(-1)])
-      if config.model.get('vq_restart_dead', False):
-        key = jax.random.fold_in(jax.random.key(config.seed), optimizer.step[...])
-        metrics['codebook_restarts'] = model.quantizer.restart_dead_codes(tokens, indices, key)
+    key = jax.random.fold_in(jax.random.key(config.seed), optimizer.step[...])
+    metrics.update(model.train_diagnostics(outputs, key))
     return nnx.state((model, optimizer)), metrics
 
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 # -- loop ------------------------------------------------------------------------------------------
 
-class _Progress:
-  """A progress line with throughput and ETA."""
+class Progress:
+  """One progress line per log interval: the interval's mean metrics, steps/s and ETA measured over
+  the interval's train steps only (compile, eval and checkpoint time are excluded)."""
 
-  def __init__(self, start_step: int, total_steps: int):
-    self.t0, self.s0, self.total = time.time(), start_step, total_steps
+  def __init__(self, total_steps: int):
+    self.total = total_steps
+    self.busy = 0.0       # seconds of train steps since the last line
+    self.steps = 0
+    self.rate = None
+
+  def timed(self, seconds: float, steps: int = 1):
+    self.busy += seconds
+    self.steps += steps
 
   def line(self, step: int, metrics: dict) -> str:
-    elapsed = time.time() - self.t0
-    rate = (step - self.s0) / max(elapsed, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
-    shown = ' '.join(f'{k}={metrics[k]:.4g}' for k in ('loss', 'loss_class', 'loss_mask', 'loss_dice', 'loss_quant',
-                                                       'codebook_perplexity', 'codebook_local_perplexity', 'codebook_restarts')
-                 if k in metrics)
-    return f'step {step}/{self.total} {shown} | {rate:.2f} steps/s, ETA {eta / 60:.1f} min'
+    if self.steps:
+      self.rate = self.steps / max(self.busy, 1e-9)
+    self.busy, self.steps = 0.0, 0
+    shown = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items() if '_aux_' not in k)
+    speed = f' | {self.rate:.2f} steps/s, ETA {(self.total - step) / self.rate / 60:.1f} min' if self.rate else ''
+    return f'step {step}/{self.total} {shown}{speed}'
 
 
-def default_data_dir(config, workdir: str) -> str:
+def resolve_data_dir(config) -> str:
   return config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
+def _resolved(config):
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.data.data_dir = default_data_dir(config, workdir)
+    config.data.data_dir = resolve_data_dir(config)
+  return config
+
+
+def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last evaluation
+  (the metrics of the ``config.best_eval`` entry; every entry's reports are under ``<workdir>/reports``).
+  ``config_arg``: the ``--config`` argument the run was started with, for the commands of the summary."""
+  started = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  config = _resolved(config)
+  check_eval_batch(config)
   is_chief = jax.process_index() == 0
   if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(workdir_lib.config_path(workdir), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  mesh = make_mesh(config)
+  mesh = sharding.make_mesh(config)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # Data.
   train_iter = pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  steps_per_epoch = max(1, len(pipeline.load_source(config.data, config.data.train_split)) // config.batch_size)
+  steps_per_epoch = max(1, len(registry.open_source(config.data, config.data.train_split)) // config.batch_size)
   total_steps, drop_steps = optim.total_and_drop_steps(config, steps_per_epoch)
 
   # Sharded state, resumed when the workdir has a checkpoint.
@@ -198,24 +162,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
   start_step = 0
   if ckpt.latest_step() is not None:
-    state, meta, start_step = ckpt.restore(abstract_state, data_iterator=train_iter)
+    state, _, start_step = ckpt.restore(abstract_state, data_iterator=train_iter)
     logging.info('resumed from step %d', start_step)
   else:
     state = load_pretrained(config, state, graphdef)
   train_step = make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
-  evaluator = evaluation.Evaluator(config, mesh, graphdef)
-  writer = evaluation.make_writer(workdir) if is_chief else None
+  evaluator = Evaluator(config, mesh, graphdef)
+  eval_entries = evals.entries(config)
+  writer = reports.make_writer(workdir) if is_chief else None
 
-  progress = _Progress(start_step, total_steps)
+  progress = Progress(total_steps)
   sums, count = None, 0
   last_eval = {}
   step = start_step
   while step < total_steps:
-    batch = to_global(pipeline.device_batch(next(train_iter)), mesh)
+    t0 = time.perf_counter()
+    batch = pipeline.to_global(pipeline.device_batch(next(train_iter)), mesh)
     state, metrics = train_step(state, batch)
     step += 1
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     count += 1
+    if step == start_step + 1:
+      jax.block_until_ready(sums)
+      logging.info('compiled and ran the first train step in %.1f s', time.perf_counter() - t0)
+    else:
+      progress.timed(time.perf_counter() - t0)
     if step % config.log_every == 0 or step == total_steps:
       means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
       sums, count = None, 0
@@ -224,50 +195,56 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for k, v in means.items():
           writer.add_scalar(f'train/{k}', v, step)
         writer.flush()
-    if step % config.checkpoint_every == 0 or step == total_steps:
-      ckpt.save(step, state, train_iter, {'step': step, 'config': config.name})
-    if step % config.eval_every == 0 or step == total_steps:
-      split = config.eval.split or config.data.eval_split
-      last_eval = evaluator.run(state, split, step, writer=writer,
-                                overlay_dir=os.path.join(workdir, 'reports', 'overlays', f'{split}_{step}'))
-      evaluation.write_report(workdir, split, step, config, last_eval, writer)
-      ckpt.save_best(step, state, last_eval, {'step': step, 'config': config.name, 'split': split})
+    due = {name: e for name, e in eval_entries.items() if evals.due(e, step, total_steps)}
+    if due:
+      last_eval.update(evals.run(evaluator, state, step, config, workdir, due, writer))
+    if step % config.checkpoint_every == 0 or due or step == total_steps:
+      ranked = last_eval.get(config.best_eval) if config.best_eval in due else None
+      ckpt.save(step, state, train_iter, {'step': step, 'config': config.name}, metrics=ranked)
   ckpt.wait()
+  best = ckpt.best_step()
   ckpt.close()
   if writer is not None:
     writer.close()
-  return last_eval
+  final = last_eval.get(config.best_eval, {})
+  if is_chief:
+    for line in summary(config, workdir, step - start_step, time.time() - started, final, best, config_arg):
+      logging.info(line)
+  return final
+
+
+def summary(config, workdir: str, steps: int, seconds: float, final: dict, best_step: int | None,
+            config_arg: str | None) -> list[str]:
+  """The closing lines of a run: what it reached and where everything is."""
+  metric = config.best_metric
+  value = final.get(metric)
+  reached = f'{metric} {value:.4f}' if isinstance(value, float) else 'no evaluation'
+  lines = [f'done: {steps} steps in {seconds / 60:.1f} min; final {reached}; best checkpoint: step {best_step}',
+           f'  reports      {workdir_lib.reports_dir(workdir)}',
+           f'  checkpoints  {workdir_lib.checkpoints_dir(workdir)}',
+           f'  tensorboard  tensorboard --logdir {workdir_lib.tensorboard_dir(workdir)}']
+  config_flag = f'--config {config_arg}' if config_arg else '--config <the same config>'
+  lines.append(f'  test split   python main.py {config_flag} --workdir {workdir} --config.mode=eval '
+               '--config.eval.split=test --config.eval.checkpoint=best')
+  lines.append(f'  your video   python -m qdformer_jax.predict --workdir {workdir} --video CLIP.mp4 --out OUT')
+  return lines
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """``config.mode = 'eval'``: restores the latest/best/<step> checkpoint and evaluates it."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.data_dir = default_data_dir(config, workdir)
-  mesh = make_mesh(config)
+  """``config.mode = 'eval'``: restores the latest/best/<step> checkpoint and runs every evaluation
+  entry of the config on it (``evals.entries(config, mode='eval')``); returns the metrics of the
+  ``config.best_eval`` entry (all reports are under ``<workdir>/reports``)."""
+  config = _resolved(config)
+  mesh = sharding.make_mesh(config)
   graphdef, abstract_state = abstract_train_state(config, mesh, ())  # restored, never initialised
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
-  which = config.eval.checkpoint
+  which = str(config.eval.checkpoint)
   step = None if which in ('latest', 'best') else int(which)
-  state, meta, step = ckpt.restore(abstract_state, step=step, which='best' if which == 'best' else 'latest')
+  state, _, step = ckpt.restore(abstract_state, step=step, which='best' if which == 'best' else 'latest')
   ckpt.close()
-  split = config.eval.split or config.data.eval_split
-  evaluator = evaluation.Evaluator(config, mesh, graphdef)
-  writer = evaluation.make_writer(workdir) if jax.process_index() == 0 else None
-  results = evaluator.run(state, split, step, writer=writer,
-                          overlay_dir=os.path.join(workdir, 'reports', 'overlays', f'{split}_{step}'))
-  evaluation.write_report(workdir, split, step, config, results, writer)
-  if config.eval.shuffle_audio:
-    # The audio-use check: the same clips, each with another clip's audio, beside the plain scores.
-    shuffled = evaluator.run(state, split, step, shuffle_audio=True)
-    evaluation.write_report(workdir, split, step, config, shuffled, writer, variant='shuffled_audio')
-    evaluation.write_audio_use_report(workdir, split, step, config, results, shuffled)
-    logging.info('audio use %s step %d: %s', split, step, json.dumps(
-        {k: {'matched': results[k], 'shuffled': shuffled[k]} for k in ('mIoU', 'J', 'F') if k in results}))
-  if config.eval.noise_snrs:
-    sweep = {snr: evaluator.run(state, split, step, noise_snr=snr) for snr in config.eval.noise_snrs}
-    evaluation.write_noise_report(workdir, split, step, config, results, sweep)
+  evaluator = Evaluator(config, mesh, graphdef)
+  writer = reports.make_writer(workdir) if jax.process_index() == 0 else None
+  results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'), writer)
   if writer is not None:
     writer.close()
-  logging.info('eval %s step %d: %s', split, step, json.dumps(results))
-  return results
+  return results.get(config.best_eval) or next(iter(results.values()), {})

@@ -1,0 +1,66 @@
+"""What a person sees in the terminal: our own log lines, short; third-party INFO kept out.
+
+``setup(verbosity)``: absl's handler prints ``HH:MM:SS message`` for this project's records (the
+library, the builders, ``main.py``); records of other packages (Orbax, TFDS, JAX, grain) pass only at
+ERROR and above unless ``verbosity >= 1`` (absl's ``--verbosity`` flag), when everything passes with
+absl's full prefix. ``user_errors`` turns the errors a user can cause into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+
+_OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+              for d in ('qdformer_jax', 'tfds_builders', 'main.py', 'benchmarks', 'experiments'))
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class _OwnRecordsOnly(logging.Filter):
+  """Passes this project's records, and other packages' at ERROR and above."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or os.path.abspath(record.pathname).startswith(_OURS)
+
+
+class _Short(logging.Formatter):
+
+  def format(self, record: logging.LogRecord) -> str:
+    prefix = '' if record.levelno < logging.WARNING else f'{record.levelname.lower()}: '
+    return f'{self.formatTime(record, "%H:%M:%S")} {prefix}{record.getMessage()}'
+
+
+def setup(verbosity: int = 0) -> None:
+  """Configures logging once for a command-line run (idempotent)."""
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  root = logging.getLogger()
+  root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+  for f in list(handler.filters):
+    if isinstance(f, _OwnRecordsOnly):
+      handler.removeFilter(f)
+  if verbosity >= 1:
+    return
+  handler.addFilter(_OwnRecordsOnly())
+  handler.setFormatter(_Short())
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+  warnings.filterwarnings('ignore', module=r'(orbax|tensorflow_datasets|grain|jax)\b.*')
+  for name in ('jax._src.xla_bridge', 'orbax', 'tensorflow_datasets', 'grain'):
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False):
+  """Errors a user can cause (bad config value, missing file or dataset) -> one line, exit code 2.
+  With ``debug`` the traceback is kept."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    if debug:
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    print('(rerun with --debug for the traceback)', file=sys.stderr)
+    sys.exit(2)

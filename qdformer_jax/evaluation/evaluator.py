@@ -1,0 +1,141 @@
+"""The jitted evaluator: one split through one XLA program per mode, metric sums on the device.
+
+The eval step is the forward pass, the post-processing of ``postprocess.py`` at the evaluation size
+and the metric accumulators of ``metrics.py`` (the same code as the public metric functions). The
+host adds nothing: sums stay on the device across batches and are divided once. What the results
+become on disk (reports, overlays, plots) is ``reports.py``/``overlays.py``; which evaluations run
+when is ``evals.py``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qdformer_jax import sharding
+from qdformer_jax.data import pipeline
+from qdformer_jax.evaluation import metrics as metrics_lib
+from qdformer_jax.evaluation import postprocess
+
+
+def shifted_among_valid(clip_valid):
+  """Index [B] that gives real clip i the audio of real clip i+1 (cyclically); padding clips keep
+  their own. Real clips come first in every eval batch (the padding copies are appended), so no real
+  clip hears a padding copy, which may be a copy of itself. A batch with a single real clip keeps
+  its audio (nothing to swap with)."""
+  index = jnp.arange(clip_valid.shape[0])
+  count = jnp.maximum(jnp.sum(clip_valid.astype(jnp.int32)), 1)
+  return jnp.where(index < count, (index + 1) % count, index)
+
+
+def check_eval_batch(config) -> None:
+  """The official AVSBench F groups ``eval.official_batch_clips`` clips: the eval batch must hold
+  whole groups. Checked before training starts, not at the first evaluation hours later."""
+  if config.data.binary and (config.eval.official_batch_clips < 1
+                             or config.eval_batch_size % config.eval.official_batch_clips):
+    raise ValueError(
+        f'config.eval_batch_size={config.eval_batch_size} must be a multiple of '
+        f'config.eval.official_batch_clips={config.eval.official_batch_clips}: the official AVSBench '
+        'F-score takes its max over thresholds per test batch of that many clips. Set '
+        '--config.eval_batch_size to a multiple of it (or change official_batch_clips).')
+
+
+class Evaluator:
+  """Runs one split through the jitted eval step; ``run`` returns the finalized metrics."""
+
+  def __init__(self, config, mesh, graphdef):
+    check_eval_batch(config)
+    self.config = config
+    self.mesh = mesh
+    self.graphdef = graphdef
+    self.binary = bool(config.data.binary)
+    self.size = int(config.data.image_size)
+    self.group = int(config.eval.official_batch_clips) * int(config.data.num_frames)
+    self._steps = {}
+    self._sums_template = None
+    self.collected = []
+
+  def _step(self, shuffle_audio: bool):
+    if shuffle_audio in self._steps:
+      return self._steps[shuffle_audio]
+    config, binary, size, group = self.config, self.binary, self.size, self.group
+    graphdef = self.graphdef
+
+    def eval_step(state, batch, sums):
+      model, _ = nnx.merge(graphdef, state)
+      log_mel = batch['log_mel']
+      if shuffle_audio:
+        log_mel = log_mel[shifted_among_valid(batch['clip_valid'])]
+      outputs = model(batch['frames'], log_mel, batch['frame_valid'], train=False)
+      valid = batch['gt_valid'] & batch['frame_valid'] & batch['clip_valid'][:, None]
+      if binary:
+        prob = postprocess.binary_probability(outputs, size, size)
+        new = metrics_lib.binary_accumulate(prob, batch['semantic'], valid, group_size=group)
+        preds = (prob > postprocess.DEFAULT_THRESHOLD).astype(jnp.int32)
+      else:
+        preds = postprocess.semantic_labels(outputs, size, size)
+        padded = (~batch['frame_valid']) & batch['clip_valid'][:, None]
+        new = metrics_lib.semantic_accumulate(
+            preds, batch['semantic'], valid, padded, num_classes=config.data.num_classes + 1,
+            keep_padded=bool(config.eval.keep_padded_frames))
+      sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
+      return sums, preds
+
+    step = jax.jit(eval_step, out_shardings=(sharding.replicated(self.mesh), None))
+    self._steps[shuffle_audio] = step
+    return step
+
+  def _zero_sums(self, eval_step, state, batch):
+    """Zero metric sums of the step's output structure, so the step always gets (and compiles
+    for) a sums pytree: one executable per Evaluator and shuffle mode."""
+    if self._sums_template is None:
+      self._sums_template = jax.eval_shape(eval_step, state, batch, None)[0]
+    replicated = sharding.replicated(self.mesh)
+    return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), replicated),
+                        self._sums_template)
+
+  def run(self, state, split: str, *, shuffle_audio: bool = False, noise_snr: float | None = None,
+          collect: int = 0) -> dict:
+    """Evaluates ``state`` on ``split``; returns the finalized metrics plus run facts.
+
+    shuffle_audio: give every real clip the next real clip's audio (the audio-use check).
+    noise_snr: mix background noise into every clip's waveform at this SNR (dB) before the
+      log-mel (noise from ``config.eval.noise_dir``, else pink; seed ``config.eval.noise_seed``).
+    collect: keep the host batches and predictions of the first ``collect`` real clips (process 0
+      only) in ``self.collected`` as (host_batch, preds) pairs, for overlays.
+    """
+    config = self.config
+    data_config = config.data
+    if noise_snr is not None:
+      data_config = data_config.copy_and_resolve_references()
+      with data_config.unlocked():
+        data_config.noise_snr_db = float(noise_snr)
+        data_config.noise_seed = int(config.eval.noise_seed)
+        data_config.noise_dir = config.eval.get('noise_dir') or None
+    iterator, total = pipeline.make_eval_iterator(
+        data_config, split, global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), limit=config.eval.limit or None)
+    eval_step = self._step(shuffle_audio)
+    collect = int(collect) if jax.process_index() == 0 else 0
+    t0 = time.time()
+    sums, collected, count = None, [], 0
+    for host_batch in iterator:
+      batch = pipeline.to_global(pipeline.device_batch(host_batch), self.mesh)
+      if sums is None:
+        sums = self._zero_sums(eval_step, state, batch)
+      sums, preds = eval_step(state, batch, sums)
+      if count < collect:
+        shard = np.asarray(jax.device_get(preds.addressable_shards[0].data))
+        collected.append((host_batch, shard))
+        count += int(np.sum(host_batch['clip_valid'][:shard.shape[0]]))
+    results = metrics_lib.finalize(jax.device_get(sums))
+    results.update(num_clips=total, eval_seconds=round(time.time() - t0, 2), shuffle_audio=shuffle_audio)
+    if noise_snr is not None:
+      results['noise_snr_db'] = float(noise_snr)
+    logging.debug('eval %s: %s', split, {k: v for k, v in results.items() if isinstance(v, float)})
+    self.collected = collected
+    return results
