@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,8 @@ from configs import avss, common, s4  # noqa: E402
 from qdformer_jax import sharding  # noqa: E402
 from qdformer_jax.data import pipeline  # noqa: E402
 from qdformer_jax.evaluation import evaluator as evaluator_lib  # noqa: E402
-from qdformer_jax.evaluation import postprocess  # noqa: E402
 from qdformer_jax.evaluation import metrics as metrics_lib  # noqa: E402
+from qdformer_jax.evaluation import postprocess  # noqa: E402
 from qdformer_jax.training import train  # noqa: E402
 
 TASKS = {'avss': avss.get_config, 's4': s4.get_config}

@@ -25,11 +25,11 @@ import csv
 import gc
 import json
 import os
-from pathlib import Path
 import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     ]
     rows = []
     load_before = os.getloadavg()[0]
-    for name, config, T, builder in datasets:
+    for *_, builder in datasets:
       builder.download_and_prepare()
     # Direct measurements first: a live grain iterator keeps prefetching in background threads.
     for name, config, T, builder in datasets:
@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
       for mode, source, is_train in (('direct train', train, True), ('direct eval', val, False)):
         result = time_direct(source, is_train, args.seconds)
         rows.append({'dataset': f'{name}/{config}', 'T': T, 'mode': mode, **result})
-    for name, config, T, builder in datasets:
+    for name, config, T, _ in datasets:
       result = time_pipeline(name, config, data_dir, args.batch, args.seconds)
       gc.collect()  # drop the iterator (and its threads) before the next measurement
       if result is not None:

@@ -78,6 +78,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.total_steps = 0                 # > 0 overrides num_epochs
   c.lr_drop_steps = ()              # with total_steps
 
+  # JAX persistent compilation cache: '' = ~/.cache/qdformer_jax/xla, a directory, or 'off'.
+  c.compilation_cache = ''
   c.log_every = 50
   c.eval_every = 2000
   c.checkpoint_every = 1000

@@ -31,5 +31,6 @@ import ml_collections
 
 from configs import common
 
+
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   return common.avs_object_config('s4', arg)

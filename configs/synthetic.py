@@ -10,13 +10,14 @@ The model is narrow and the frames small so that ~15 minutes on 2 CPU cores lear
 """
 from __future__ import annotations
 
-from configs import base, common
+import ml_collections
 
+from configs import base, common
 
 ARGS = {'smoke': ('smoke',), 'task': ('single', 'multi', 'semantic')}
 
 
-def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = common.parse_args(arg, ARGS)
   c = base.get_base_config()
   c.name = 'synthetic'

@@ -37,7 +37,6 @@ import json
 import logging
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -227,7 +226,7 @@ def restore_model_state(state_dir, config, device=None):
   return graphdef, from_saveable(abstract_state, model_tree)
 
 
-def load(path, *, step: int | None = None, which: str | None = None, config=None, device=None) -> 'Predictor':
+def load(path, *, step: int | None = None, which: str | None = None, config=None, device=None) -> Predictor:
   """A :class:`Predictor` for the model a training workdir or checkpoint step directory holds.
 
   Args:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
+
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_backend_optimization_level' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_backend_optimization_level=0').strip()
@@ -24,3 +26,27 @@ def shared_dir():
   from pathlib import Path
   beside = Path(__file__).resolve().parents[2] / 'shared'
   return beside if beside.exists() else Path('/work/shared')
+
+
+# A smoke workdir trained once per session (configs/synthetic.py:smoke through train_and_evaluate),
+# shared by tests/test_predict.py and tests/test_notebook.py.
+_WORKDIRS: dict[str, str] = {}
+
+
+def smoke_workdir(tmp_path_factory) -> str:
+  if 'smoke' not in _WORKDIRS:
+    from configs import synthetic
+    from qdformer_jax.training import train
+    base = tmp_path_factory.mktemp('trained_smoke')
+    config = synthetic.get_config('smoke')
+    config.data.data_dir = str(base / 'tfds')
+    workdir = str(base / 'workdir')
+    train.train_and_evaluate(config, workdir)
+    _WORKDIRS['smoke'] = workdir
+  return _WORKDIRS['smoke']
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory) -> str:
+  """The path of a trained smoke workdir (config.json + checkpoints/3, checkpoints/6)."""
+  return smoke_workdir(tmp_path_factory)

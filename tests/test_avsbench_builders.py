@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
 import scipy.io.wavfile
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from qdformer_jax.data import audio, avsbench, records
 from tfds_builders import fixtures
@@ -356,7 +356,7 @@ def test_metadata_row_errors(tmp_path):
       'unknown label': (header + 'a,a_0_5000,0,0,dog,train,v3\n', r"clip a_0_5000 has label 'v3'"),
       'duplicate': (header + 'a,a_0,0,0,dog,train,v2\na,a_0,0,0,cat,train,v2\n', r"more than once.*a_0"),
   }
-  for name, (text, message) in cases.items():
+  for _name, (text, message) in cases.items():
     (tmp_path / 'metadata.csv').write_text(text)
     with pytest.raises(avsbench.ReleaseError, match=message):
       avsbench.list_avss(tmp_path, 'train')

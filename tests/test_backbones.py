@@ -7,10 +7,10 @@ Numerical parity with the PyTorch references is in tests/test_convert.py (it nee
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from qdformer_jax.models.backbones import build_backbone, frozen_param_filter

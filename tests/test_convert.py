@@ -13,9 +13,9 @@ import json
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 from flax import nnx
 
 from qdformer_jax.convert import load_converted, module_from_converted

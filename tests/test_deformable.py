@@ -12,8 +12,13 @@ import pytest
 from flax import nnx
 
 from qdformer_jax.models.attention import MultiHeadAttention, TransformerDecoderLayer
-from qdformer_jax.models.deformable import (DeformableDecoderLayer, DeformableEncoder, MSDeformAttn,
-                                            encoder_reference_points, ms_deform_attn_core)
+from qdformer_jax.models.deformable import (
+  DeformableDecoderLayer,
+  DeformableEncoder,
+  MSDeformAttn,
+  encoder_reference_points,
+  ms_deform_attn_core,
+)
 from qdformer_jax.models.position import sine_position_embedding
 
 SHAPES = ((7, 9), (4, 5), (2, 3), (1, 1))

@@ -30,7 +30,7 @@ from qdformer_jax.data import synthetic as synthetic_data
 from qdformer_jax.data import transforms
 from qdformer_jax.evaluation import postprocess
 from qdformer_jax.models import build_model
-from qdformer_jax.training import optim, train
+from qdformer_jax.training import optim
 from qdformer_jax.training.checkpoint import Checkpoints
 
 SIZE, FRAMES = 32, 3

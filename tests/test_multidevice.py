@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 import pytest
-
 import worker_processes
 
 REPO = worker_processes.REPO
@@ -113,14 +112,15 @@ def relative_error(a: float, b: float) -> float:
 def _one_device_mesh():
   import jax
   from jax.sharding import AxisType, Mesh
+
   from qdformer_jax import sharding
-  from qdformer_jax.training import train
   return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
 def _host_state(state) -> dict:
   """Flat {path: numpy array} of a train state (PRNG keys as key data), fetched from the devices."""
   import jax
+
   from qdformer_jax.training.checkpoint import to_saveable
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(to_saveable(state)))[0]
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
@@ -146,8 +146,9 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
   batches; then the mesh_fsdp=2 run (parameters split over 'fsdp') is checkpointed (state + data
   iterator), dumped and evaluated."""
   import jax
-  from qdformer_jax.data import pipeline
+
   from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.evaluation import evaluator as evaluator_lib
   from qdformer_jax.training import train
   from qdformer_jax.training.checkpoint import Checkpoints, from_saveable, to_saveable
@@ -166,7 +167,7 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
             'metrics': {}, 'seconds': {}}
   for name, mesh in meshes.items():  # 'fsdp2' last: its trained state is checkpointed below
     t0 = time.time()
-    shardings = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), abstract)
+    shardings = jax.tree.map(lambda x, mesh=mesh: sharding.param_sharding(mesh, x), abstract)
     st = jax.device_put(from_saveable(abstract, initial), shardings)
     step = train.make_train_step(graphdef, config, shardings, mesh)
     history = []
@@ -195,8 +196,9 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
 def worker_restore(data_dir: str, workdir: str, dump: str, out: str):
   """1 device: own initial state, restore of the 8-device checkpoint, comparisons, evaluation."""
   import jax
-  from qdformer_jax.data import pipeline
+
   from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.evaluation import evaluator as evaluator_lib
   from qdformer_jax.training import train
   from qdformer_jax.training.checkpoint import Checkpoints

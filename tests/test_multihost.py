@@ -33,7 +33,6 @@ import time
 
 import numpy as np
 import pytest
-
 import worker_processes
 
 REPO = worker_processes.REPO
@@ -153,6 +152,7 @@ def _rows_match_local(global_batch: dict, local: dict, process_id: int) -> bool:
 def _local_shards(state) -> dict:
   """{(path, shard index): numpy data} of this process's shards (PRNG keys as key data)."""
   import jax
+
   from qdformer_jax.training.checkpoint import to_saveable
   out = {}
   for path, x in jax.tree_util.tree_flatten_with_path(to_saveable(state))[0]:
@@ -175,8 +175,9 @@ def worker_host(process_id: int, port: int, data_dir: str, workdir: str, out: st
       json.dump({GLOO_UNAVAILABLE: f'{type(e).__name__}: {e}'}, f)
     return
   from jax.experimental import multihost_utils
-  from qdformer_jax.data import pipeline
+
   from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.evaluation import evaluator as evaluator_lib
   from qdformer_jax.training import train
   from qdformer_jax.training.checkpoint import Checkpoints

@@ -18,6 +18,9 @@ REFERENCES = {
     'torchvggish.vggish_input': 'log-mel parity (tests/test_audio.py; needs soundfile)',
     'resampy': 'resampling parity (tests/test_audio.py)',
     'nbformat': 'the notebook schema test (tests/test_inference.py)',
+    'nbclient': 'running the Colab notebook (tests/test_notebook.py)',
+    'ipykernel': 'the kernel the notebook runs in (tests/test_notebook.py)',
+    'av': 'video decoding and writing (tests/test_video.py, tests/test_predict.py)',
 }
 
 

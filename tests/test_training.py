@@ -94,6 +94,7 @@ def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
   The weight decay is raised and the warm-up removed so that a decayed-but-frozen parameter would
   change by far more than a float32 ulp in one step (lr 5e-4 x wd 0.05 = 2.5e-5 relative)."""
   from flax import nnx
+
   from qdformer_jax.training import optim
   config = tiny_config(data_dir)
   config.model.audio.trainable = False

@@ -111,7 +111,7 @@ def test_masks_keep_their_class_ids_when_shrinking():
   semantic = np.zeros((1, 400, 600), np.uint8)
   semantic[0, 100:300, 200:450] = 42
   frames = np.zeros((1, 400, 600, 3), np.uint8)
-  for f, s in (transforms.train_transform(frames, semantic, 224),
+  for _f, s in (transforms.train_transform(frames, semantic, 224),
                transforms.eval_transform(frames, semantic, 224)):
     assert set(np.unique(s)) == {0, 42}
 

@@ -6,6 +6,7 @@ those tests both under pytest and in the workers (the tests folder is on sys.pat
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,10 +33,8 @@ def worker_env(devices: int) -> dict:
 def kill(proc: subprocess.Popen) -> None:
   """Kills a worker started with ``start_new_session=True``: its own process group and nothing else."""
   if proc.poll() is None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
       os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
   proc.wait()
 
 

@@ -24,8 +24,8 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import scipy.io.wavfile
+from PIL import Image
 
 from qdformer_jax.data import audio, avsbench, records
 

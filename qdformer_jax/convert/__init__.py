@@ -23,8 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from qdformer_jax.convert.common import (fill_module, load_converted, load_state_dict,
-                                         read_converted, save_converted)
+from qdformer_jax.convert.common import fill_module, load_converted, load_state_dict, read_converted, save_converted
 from qdformer_jax.convert.resnet import convert_resnet
 from qdformer_jax.convert.swin import check_swin_name, convert_swin, swin_arrays
 from qdformer_jax.convert.vggish import convert_vggish

@@ -10,7 +10,7 @@ torchvision's. The classifier (`fc.*` / `classifier.*`) and `num_batches_tracked
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx

@@ -14,13 +14,12 @@ which is what the detection code's init gives them before fine-tuning.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
-from qdformer_jax.convert.common import (conv_kernel, fill_module, linear_kernel, rename_all,
-                                         strip_prefixes)
+from qdformer_jax.convert.common import conv_kernel, fill_module, linear_kernel, rename_all, strip_prefixes
 from qdformer_jax.models.swin import SWIN_SPECS, SwinTransformer
 
 _HF_RENAMES = (  # (regex on a transformers key, official replacement); applied in order

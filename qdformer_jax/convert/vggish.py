@@ -7,13 +7,12 @@ indices 0, 3, 6, 8, 11, 13; `embeddings` holds Linear layers at 0, 2, 4. PCA par
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
-from qdformer_jax.convert.common import (conv_kernel, fill_module, linear_kernel, rename_all,
-                                         strip_prefixes)
+from qdformer_jax.convert.common import conv_kernel, fill_module, linear_kernel, rename_all, strip_prefixes
 from qdformer_jax.models.vggish import VGGish
 
 TORCH_CONV_INDEX = {0: 'conv1', 3: 'conv2', 6: 'conv3_1', 8: 'conv3_2', 11: 'conv4_1', 13: 'conv4_2'}

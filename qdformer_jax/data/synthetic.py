@@ -18,7 +18,8 @@ Everything is deterministic given the seed (or `numpy.random.Generator`) passed 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.ndimage

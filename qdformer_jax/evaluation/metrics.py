@@ -40,7 +40,8 @@ accumulators on one batch and finalize. DAVIS J and F are averaged over frames.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

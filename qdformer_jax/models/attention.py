@@ -12,10 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype, kernel_init=xavier_uniform,
-           bias_init=nnx.initializers.zeros_init()) -> nnx.Linear:
+           bias_init=zeros) -> nnx.Linear:
   """An `nnx.Linear` with float32 parameters, compute dtype `dtype`, xavier kernel and zero bias."""
   return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)

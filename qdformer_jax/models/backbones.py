@@ -15,7 +15,8 @@ Every backbone returns [C2, C3, C4, C5] NHWC (strides 4..32), has `.out_channels
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx

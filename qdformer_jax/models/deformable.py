@@ -13,7 +13,7 @@ always computed in float32 (a bfloat16 location is off by a noticeable fraction 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

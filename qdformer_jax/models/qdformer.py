@@ -27,8 +27,8 @@ from qdformer_jax.models import modules
 from qdformer_jax.models.attention import TransformerDecoderLayer
 from qdformer_jax.models.audio import build_audio_encoder
 from qdformer_jax.models.backbones import build_backbone
-from qdformer_jax.models.layers import resolve_dtype
 from qdformer_jax.models.deformable import DeformableDecoderLayer, DeformableEncoder, sine_position_embedding
+from qdformer_jax.models.layers import resolve_dtype
 from qdformer_jax.models.quantizer import VectorQuantizer, codebook_usage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -21,7 +21,8 @@ The default 1 freezes stem+layer1 as Deformable-DETR/ReferFormer. Freezing is ap
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,8 @@ LayerNorm eps 1e-5 as `torch.nn.LayerNorm`. Stage freezing (`frozen_stages`, off
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -128,6 +128,23 @@ def resolve_data_dir(config) -> str:
   return config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
+def enable_compilation_cache(config) -> str | None:
+  """Turns on JAX's persistent compilation cache (``config.compilation_cache``: a directory, '' for
+  ``$XDG_CACHE_HOME/qdformer_jax/xla`` (~/.cache/...), 'off' to disable), so a resumed or repeated
+  run loads its compiled programs instead of compiling them again. Returns the directory or None."""
+  where = config.get('compilation_cache', '')
+  if where == 'off':
+    return None
+  if not where and jax.config.jax_compilation_cache_dir:  # set by the environment: keep it
+    return jax.config.jax_compilation_cache_dir
+  if not where:
+    where = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'qdformer_jax', 'xla')
+  jax.config.update('jax_compilation_cache_dir', where)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return where
+
+
 def _resolved(config):
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -143,6 +160,7 @@ def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -
   os.makedirs(workdir, exist_ok=True)
   config = _resolved(config)
   check_eval_batch(config)
+  enable_compilation_cache(config)
   is_chief = jax.process_index() == 0
   if is_chief:
     with open(workdir_lib.config_path(workdir), 'w') as f:
@@ -235,6 +253,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   entry of the config on it (``evals.entries(config, mode='eval')``); returns the metrics of the
   ``config.best_eval`` entry (all reports are under ``<workdir>/reports``)."""
   config = _resolved(config)
+  enable_compilation_cache(config)
   mesh = sharding.make_mesh(config)
   graphdef, abstract_state = abstract_train_state(config, mesh, ())  # restored, never initialised
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)

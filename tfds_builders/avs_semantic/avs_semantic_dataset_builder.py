@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from absl import logging
 import tensorflow_datasets as tfds
+from absl import logging
 
 from qdformer_jax.data import avsbench, records
 

@@ -1,6 +1,13 @@
 """`synthetic_avs`: the embedded procedural audio-visual segmentation dataset (DESIGN.md §4.3)."""
 from tfds_builders.synthetic_avs.synthetic_avs_dataset_builder import (
-    BUILDER_CONFIGS, SPLITS, SyntheticAvs, SyntheticAvsConfig, build, make_config, make_example)
+    BUILDER_CONFIGS,
+    SPLITS,
+    SyntheticAvs,
+    SyntheticAvsConfig,
+    build,
+    make_config,
+    make_example,
+)
 
 __all__ = ['BUILDER_CONFIGS', 'SPLITS', 'SyntheticAvs', 'SyntheticAvsConfig', 'build', 'make_config',
            'make_example']
