@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from qdformer_jax.models import modules
-from qdformer_jax.models.attention import TransformerDecoderLayer
+from qdformer_jax.models.attention import FeedForward, MultiHeadAttention, TransformerDecoderLayer, layer_norm
 from qdformer_jax.models.audio import build_audio_encoder
 from qdformer_jax.models.backbones import build_backbone
 from qdformer_jax.models.deformable import DeformableDecoderLayer, DeformableEncoder, sine_position_embedding
@@ -61,17 +61,16 @@ class GlobalFusion(nnx.Module):
   """Eq. 3: audio tokens attend to the clip's visual tokens; residual + LN, FFN + residual + LN."""
 
   def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, *, dtype, rngs: nnx.Rngs):
-    self.attn = nnx.MultiHeadAttention(heads, dim, dtype=dtype, decode=False, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.ffn = modules.MLP(dim, ffn_dim, dim, 2, dtype=dtype, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(dim, heads, dropout, rngs=rngs, dtype=dtype)
+    self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+    self.ffn = FeedForward(dim, ffn_dim, dropout, rngs=rngs, dtype=dtype)
+    self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, audio, audio_pos, visual, visual_pos, visual_mask, *, train: bool):
-    mask = visual_mask[:, None, None, :]
-    h = self.attn(audio + audio_pos, visual + visual_pos, visual, mask=mask, deterministic=not train)
+    h = self.attn(audio + audio_pos, visual + visual_pos, visual, key_mask=visual_mask, deterministic=not train)
     h = self.norm1(audio + self.dropout(h, deterministic=not train))
-    return self.norm2(h + self.dropout(self.ffn(h), deterministic=not train))
+    return self.norm2(h + self.dropout(self.ffn(h, deterministic=not train), deterministic=not train))
 
 
 class SemanticDecoder(nnx.Module):
