@@ -162,3 +162,16 @@ def test_shuffled_audio_index_stays_among_real_clips():
   np.testing.assert_array_equal(shifted_among_valid(np.array([True, True, True, False, False])),
                                 [1, 2, 0, 3, 4])
   np.testing.assert_array_equal(shifted_among_valid(np.array([True, False])), [0, 1])
+
+
+def test_learning_rate_drops_at_the_configured_step_with_warmup():
+  """The drop steps count from the start of training, warm-up included (join_schedules restarts the
+  step count of its second schedule at the boundary, which once moved every drop by warmup_steps)."""
+  from qdformer_jax.training import optim
+  schedule = optim.learning_rate_schedule(1.0, (100, 150), 0.1, warmup_steps=50)
+  assert float(schedule(0)) == pytest.approx(1e-3, rel=1e-4)
+  assert float(schedule(50)) == pytest.approx(1.0)
+  assert float(schedule(99)) == pytest.approx(1.0) and float(schedule(100)) == pytest.approx(0.1)
+  assert float(schedule(149)) == pytest.approx(0.1) and float(schedule(150)) == pytest.approx(0.01)
+  plain = optim.learning_rate_schedule(1.0, (100,), 0.1)
+  assert float(plain(99)) == 1.0 and float(plain(100)) == pytest.approx(0.1)

@@ -26,11 +26,16 @@ def total_and_drop_steps(config, steps_per_epoch: int) -> tuple[int, tuple[int, 
 
 
 def learning_rate_schedule(base_lr: float, drop_steps, decay: float, warmup_steps: int = 0):
-  schedule = optax.piecewise_constant_schedule(base_lr, {int(s): decay for s in drop_steps})
+  """Linear warm-up over ``warmup_steps``, then ``base_lr`` multiplied by ``decay`` at each of the
+  ``drop_steps`` (counted from step 0 of training, warm-up included)."""
   if warmup_steps > 0:
+    # join_schedules hands the second schedule the step count since the boundary, so its drops are
+    # given relative to the end of the warm-up.
+    after = optax.piecewise_constant_schedule(
+        base_lr, {int(s) - warmup_steps: decay for s in drop_steps if int(s) > warmup_steps})
     warmup = optax.linear_schedule(base_lr * 1e-3, base_lr, warmup_steps)
-    schedule = optax.join_schedules([warmup, schedule], [warmup_steps])
-  return schedule
+    return optax.join_schedules([warmup, after], [warmup_steps])
+  return optax.piecewise_constant_schedule(base_lr, {int(s): decay for s in drop_steps})
 
 
 def trainable_filter(model) -> nnx.filterlib.Filter:
