@@ -98,6 +98,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.num_overlays = 4
   c.eval.keep_padded_frames = True  # AVSS: count padded v1 frames as the official code does
   c.eval.official_batch_clips = 4   # AVSBench F per-batch mode groups this many clips
+  # Post-processing threshold (docs/DESIGN.md §3): a number ('0.5'), or 'val': the threshold of
+  # eval.thresholds with the best `best_metric` on the validation split, then applied to every split.
+  c.eval.threshold = '0.5'
+  c.eval.thresholds = (0.3, 0.4, 0.5, 0.6, 0.7)  # scored in the same eval pass (threshold_sweep)
   c.eval.shuffle_audio = False      # eval mode: also score each clip with another clip's audio (audio-use check)
   c.eval.noise_snrs = ()            # e.g. (20, 10, 5, 0, -5): noise-robustness sweep (Fig. 7)
   c.eval.noise_seed = 0

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -150,11 +151,11 @@ def test_eval_step_is_one_program_without_callbacks(setup):
   it, _ = pipeline.make_eval_iterator(config.data, 'val', global_batch_size=2, limit=3)
   batches = [pipeline.to_global(pipeline.device_batch(b), mesh) for b in it]
   sums = evaluator._zero_sums(step, state, batches[0])
-  hlo = step.lower(state, batches[0], sums).as_text()
+  hlo = step.lower(state, batches[0], sums, np.float32(0.5)).as_text()
   for marker in ('callback', 'host_compute', 'SendToHost', 'RecvFromHost', 'outfeed', 'infeed'):
     assert marker not in hlo, marker
   for batch in batches:
-    sums, _ = step(state, batch, sums)
+    sums, _ = step(state, batch, sums, np.float32(0.5))
   assert step._cache_size() == 1  # zero-initialised sums: one executable for every batch
 
 
@@ -179,3 +180,56 @@ def test_run_writes_overlays_images_and_noisy_runs(setup, tmp_path):
   noisy = evaluator.run(state, 'val', noise_snr=-10.0)
   assert noisy['noise_snr_db'] == -10.0 and 0.0 <= noisy['mIoU'] <= 1.0
   assert evaluator._step(False)._cache_size() == 1
+
+
+# -- post-processing thresholds -----------------------------------------------------------------------
+
+def test_threshold_sweep_equals_separate_runs(setup):
+  """The sweep's metric sums (accumulated in the same pass) equal a run at each threshold, and every
+  threshold shares the one compiled step (the threshold is a traced input)."""
+  config, mesh, evaluator, state = setup
+  assert evaluator.sweep == (0.3, 0.4, 0.5, 0.6, 0.7)
+  main = evaluator.run(state, 'val', threshold=0.5)
+  assert main['threshold'] == 0.5 and set(main['threshold_sweep']) == {'0.3', '0.4', '0.5', '0.6', '0.7'}
+  for t in (0.3, 0.5, 0.7):
+    alone = evaluator.run(state, 'val', threshold=t)
+    for k in ('mIoU', 'F'):
+      assert main['threshold_sweep'][f'{t:g}'][k] == alone[k], (t, k)
+  # A threshold of 0 labels every pixel, 1.01 none: the sweep's ends must differ from each other.
+  assert main['threshold_sweep']['0.3'] != main['threshold_sweep']['0.7'] or main['mIoU'] == 0.0
+  assert evaluator._step(False)._cache_size() == 1
+
+
+def test_threshold_parsing_and_picking(tmp_path):
+  from qdformer_jax.evaluation import evals
+  c = tiny_config(str(tmp_path))
+  assert evals.parse_threshold(c) == 0.5
+  c.eval.threshold = 'val'
+  assert evals.parse_threshold(c) == 'val'
+  for bad in ('bets', '1.5'):
+    c.eval.threshold = bad
+    with pytest.raises(ValueError, match="number in \\[0, 1\\] or 'val'"):
+      evals.parse_threshold(c)
+  c.eval.update(threshold='val', thresholds=())
+  with pytest.raises(ValueError, match='thresholds, which is empty'):
+    evals.parse_threshold(c)
+  sweep = {'0.3': {'mIoU': 0.2}, '0.5': {'mIoU': 0.4}, '0.6': {'mIoU': 0.4}, '0.7': {'mIoU': float('nan')}}
+  assert evals.pick_threshold({'threshold_sweep': sweep}, 'mIoU') == 0.5  # ties: the lower threshold
+  with pytest.raises(ValueError, match='no finite'):
+    evals.pick_threshold({'threshold_sweep': {'0.5': {'mIoU': float('nan')}}}, 'mIoU')
+
+
+def test_threshold_picked_on_val_is_applied_to_test_and_reported(setup, tmp_path):
+  from qdformer_jax.evaluation import evals
+  config, mesh, evaluator, state = setup
+  config = config.copy_and_resolve_references()
+  config.eval.threshold = 'val'
+  entries = {'test': ml_collections.ConfigDict({'kind': 'segmentation', 'split': 'test', 'every': 0})}
+  out = evals.run(evaluator, state, 7, config, str(tmp_path), entries)
+  val = evaluator.run(state, 'val', threshold=0.5)
+  picked = evals.pick_threshold(val, config.best_metric)
+  assert out['test']['threshold'] == picked
+  report = json.load(open(tmp_path / 'reports' / 'eval_test_7.json'))
+  assert report['metrics']['threshold'] == picked
+  assert report['metrics']['threshold_source'].startswith('picked on val (step 7) by mIoU')
+  assert not (tmp_path / 'reports' / 'eval_val_7.json').exists()  # val only served to pick it

@@ -22,7 +22,7 @@ import logging
 import ml_collections
 
 from qdformer_jax import workdir as workdir_lib
-from qdformer_jax.evaluation import overlays, reports
+from qdformer_jax.evaluation import overlays, postprocess, reports
 
 KINDS = ('segmentation', 'audio_use', 'noise')
 
@@ -62,20 +62,72 @@ def due(entry, step: int, total_steps: int) -> bool:
   return step % entry.every == 0 or step == total_steps
 
 
-def run(evaluator, state, step: int, config, workdir: str, selected: dict, writer=None) -> dict:
-  """Runs the ``selected`` entries at ``step``; writes their reports; returns name -> results."""
-  plain = {}
+def parse_threshold(config):
+  """``config.eval.threshold`` -> a float, or 'val' (pick it on the validation split)."""
+  value = str(config.eval.get('threshold', '0.5')).strip()
+  if value == 'val':
+    if not config.eval.get('thresholds'):
+      raise ValueError("config.eval.threshold='val' picks among config.eval.thresholds, which is empty; "
+                       "set e.g. --config.eval.thresholds='(0.3, 0.4, 0.5, 0.6)'")
+    return value
+  try:
+    number = float(value)
+  except ValueError:
+    number = -1.0
+  if not 0.0 <= number <= 1.0:
+    raise ValueError(f"config.eval.threshold must be a number in [0, 1] or 'val', got {value!r}")
+  return number
 
-  def segmentation(split, overlay: bool):
-    if split not in plain:
+
+def pick_threshold(results: dict, metric: str) -> float:
+  """The threshold of ``results['threshold_sweep']`` with the best ``metric`` (ties: the lower one)."""
+  sweep = results.get('threshold_sweep') or {}
+  ranked = [(v[metric], -float(t), float(t)) for t, v in sweep.items()
+            if isinstance(v.get(metric), float) and v[metric] == v[metric]]  # NaN never wins
+  if not ranked:
+    raise ValueError(f'no finite {metric!r} in the threshold sweep: cannot pick a threshold on val')
+  return max(ranked)[2]
+
+
+def run(evaluator, state, step: int, config, workdir: str, selected: dict, writer=None) -> dict:
+  """Runs the ``selected`` entries at ``step``; writes their reports; returns name -> results.
+
+  The post-processing threshold is ``config.eval.threshold``, or with 'val' the one of the sweep
+  with the best ``config.best_metric`` on ``data.eval_split`` (that split is evaluated first, at the
+  default threshold, with the sweep); every report says which threshold it used and why.
+  """
+  wanted = parse_threshold(config)
+  plain = {}
+  chosen = {}
+
+  def evaluate(split, threshold, overlay=False):
+    key = (split, threshold)
+    if key not in plain:
       collect = int(config.eval.num_overlays) if overlay else 0
-      results = evaluator.run(state, split, collect=collect)
+      plain[key] = evaluator.run(state, split, threshold=threshold, collect=collect)
       if evaluator.collected:
         overlays.write_overlays(workdir_lib.overlays_dir(workdir, split, step), evaluator.collected, config,
                                 limit=collect, writer=writer, tag=f'overlays_{split}', step=step)
+    return plain[key]
+
+  def threshold():
+    if not chosen:
+      if wanted == 'val':
+        val = evaluate(config.data.eval_split, postprocess.DEFAULT_THRESHOLD)
+        chosen['value'] = pick_threshold(val, config.best_metric)
+        chosen['source'] = (f'picked on {config.data.eval_split} (step {step}) by {config.best_metric} '
+                            f'among {list(evaluator.sweep)}')
+        logging.info('threshold %g %s', chosen['value'], chosen['source'])
+      else:
+        chosen.update(value=wanted, source='config.eval.threshold')
+    return chosen['value']
+
+  def segmentation(split, overlay):
+    results = evaluate(split, threshold(), overlay)
+    if not results.get('threshold_source'):
+      results['threshold_source'] = chosen['source']
       reports.write_report(workdir, split, step, config, results, writer)
-      plain[split] = results
-    return plain[split]
+    return results
 
   out = {}
   for name, entry in selected.items():
@@ -85,7 +137,8 @@ def run(evaluator, state, step: int, config, workdir: str, selected: dict, write
       _log(name, split, step, out[name])
     elif entry.kind == 'audio_use':
       matched = segmentation(split, overlay=False)
-      shuffled = evaluator.run(state, split, shuffle_audio=True)
+      shuffled = evaluator.run(state, split, threshold=threshold(), shuffle_audio=True)
+      shuffled['threshold_source'] = chosen['source']
       reports.write_report(workdir, split, step, config, shuffled, writer, variant='shuffled_audio')
       reports.write_audio_use_report(workdir, split, step, config, matched, shuffled)
       out[name] = {'matched': matched, 'shuffled': shuffled}
@@ -93,7 +146,7 @@ def run(evaluator, state, step: int, config, workdir: str, selected: dict, write
           {k: {'matched': matched[k], 'shuffled': shuffled[k]} for k in ('mIoU', 'J', 'F') if k in matched}))
     else:
       clean = segmentation(split, overlay=False)
-      sweep = {snr: evaluator.run(state, split, noise_snr=snr) for snr in config.eval.noise_snrs}
+      sweep = {snr: evaluator.run(state, split, threshold=threshold(), noise_snr=snr) for snr in config.eval.noise_snrs}
       paths = reports.write_noise_report(workdir, split, step, config, clean, sweep, writer)
       out[name] = {'clean': clean, 'sweep': sweep}
       logging.info('noise sweep %s@%d: %s', split, step, paths.get('markdown', ''))

@@ -55,6 +55,8 @@ class Evaluator:
     self.binary = bool(config.data.binary)
     self.size = int(config.data.image_size)
     self.group = int(config.eval.official_batch_clips) * int(config.data.num_frames)
+    # Post-processing thresholds scored in the same pass as the main one (metric sums per threshold).
+    self.sweep = tuple(float(t) for t in config.eval.get('thresholds', ()) or ())
     self._steps = {}
     self._sums_template = None
     self.collected = []
@@ -63,9 +65,11 @@ class Evaluator:
     if shuffle_audio in self._steps:
       return self._steps[shuffle_audio]
     config, binary, size, group = self.config, self.binary, self.size, self.group
-    graphdef = self.graphdef
+    graphdef, sweep = self.graphdef, jnp.asarray(self.sweep, jnp.float32)
+    num_ids = config.data.num_classes + 1
+    keep_padded = bool(config.eval.keep_padded_frames)
 
-    def eval_step(state, batch, sums):
+    def eval_step(state, batch, sums, threshold):
       model, _ = nnx.merge(graphdef, state)
       log_mel = batch['log_mel']
       if shuffle_audio:
@@ -74,14 +78,23 @@ class Evaluator:
       valid = batch['gt_valid'] & batch['frame_valid'] & batch['clip_valid'][:, None]
       if binary:
         prob = postprocess.binary_probability(outputs, size, size)
-        new = metrics_lib.binary_accumulate(prob, batch['semantic'], valid, group_size=group)
-        preds = (prob > postprocess.DEFAULT_THRESHOLD).astype(jnp.int32)
+        new = metrics_lib.binary_accumulate(prob, batch['semantic'], valid, group_size=group, threshold=threshold)
+        preds = (prob > threshold).astype(jnp.int32)
+        # The sweep: J at every threshold (AVSBench F already takes its max over thresholds).
+        swept = jax.vmap(lambda t: metrics_lib.avsbench_j_accumulate(
+            prob, batch['semantic'], valid, group_size=group, threshold=t))(sweep)
       else:
-        preds = postprocess.semantic_labels(outputs, size, size)
+        label, score = postprocess.semantic_scores(outputs, size, size)
         padded = (~batch['frame_valid']) & batch['clip_valid'][:, None]
-        new = metrics_lib.semantic_accumulate(
-            preds, batch['semantic'], valid, padded, num_classes=config.data.num_classes + 1,
-            keep_padded=bool(config.eval.keep_padded_frames))
+
+        def accumulate(t):
+          return metrics_lib.semantic_accumulate(
+              jnp.where(score >= t, label, 0), batch['semantic'], valid, padded, num_classes=num_ids,
+              keep_padded=keep_padded)
+        preds = jnp.where(score >= threshold, label, 0).astype(jnp.int32)
+        new = accumulate(threshold)
+        swept = jax.lax.map(accumulate, sweep)  # sequential: one [C]-histogram pass per threshold
+      new = {'metrics': new, 'sweep': swept}
       sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
       return sums, preds
 
@@ -93,15 +106,18 @@ class Evaluator:
     """Zero metric sums of the step's output structure, so the step always gets (and compiles
     for) a sums pytree: one executable per Evaluator and shuffle mode."""
     if self._sums_template is None:
-      self._sums_template = jax.eval_shape(eval_step, state, batch, None)[0]
+      self._sums_template = jax.eval_shape(eval_step, state, batch, None, np.float32(0.5))[0]
     replicated = sharding.replicated(self.mesh)
     return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), replicated),
                         self._sums_template)
 
-  def run(self, state, split: str, *, shuffle_audio: bool = False, noise_snr: float | None = None,
-          collect: int = 0) -> dict:
+  def run(self, state, split: str, *, threshold: float = postprocess.DEFAULT_THRESHOLD,
+          shuffle_audio: bool = False, noise_snr: float | None = None, collect: int = 0) -> dict:
     """Evaluates ``state`` on ``split``; returns the finalized metrics plus run facts.
 
+    threshold: the post-processing threshold (docs/DESIGN.md §3); a traced input, so every value
+      shares one compiled step. ``config.eval.thresholds`` are scored in the same pass, reported
+      under ``threshold_sweep``.
     shuffle_audio: give every real clip the next real clip's audio (the audio-use check).
     noise_snr: mix background noise into every clip's waveform at this SNR (dB) before the
       log-mel (noise from ``config.eval.noise_dir``, else pink; seed ``config.eval.noise_seed``).
@@ -127,13 +143,19 @@ class Evaluator:
       batch = pipeline.to_global(pipeline.device_batch(host_batch), self.mesh)
       if sums is None:
         sums = self._zero_sums(eval_step, state, batch)
-      sums, preds = eval_step(state, batch, sums)
+      sums, preds = eval_step(state, batch, sums, np.float32(threshold))
       if count < collect:
         shard = np.asarray(jax.device_get(preds.addressable_shards[0].data))
         collected.append((host_batch, shard))
         count += int(np.sum(host_batch['clip_valid'][:shard.shape[0]]))
-    results = metrics_lib.finalize(jax.device_get(sums))
-    results.update(num_clips=total, eval_seconds=round(time.time() - t0, 2), shuffle_audio=shuffle_audio)
+    sums = jax.device_get(sums)
+    results = metrics_lib.finalize(sums['metrics'])
+    results.update(num_clips=total, eval_seconds=round(time.time() - t0, 2), shuffle_audio=shuffle_audio,
+                   threshold=float(threshold))
+    if self.sweep:
+      results['threshold_sweep'] = {
+          f'{t:g}': metrics_lib.finalize(jax.tree.map(lambda x, i=i: x[i], sums['sweep']))
+          for i, t in enumerate(self.sweep)}
     if noise_snr is not None:
       results['noise_snr_db'] = float(noise_snr)
     logging.debug('eval %s: %s', split, {k: v for k, v in results.items() if isinstance(v, float)})

@@ -111,7 +111,7 @@ def _groups(n: int, group_size: int | None) -> int:
 
 
 def avsbench_j_accumulate(prob: Any, target: Any, valid: Any = None, *,
-                          group_size: int | None = None) -> dict[str, jax.Array]:
+                          group_size: int | None = None, threshold: Any = 0.5) -> dict[str, jax.Array]:
   """Sums for AVSBench J over one batch of frames.
 
   Args:
@@ -120,6 +120,7 @@ def avsbench_j_accumulate(prob: Any, target: Any, valid: Any = None, *,
     valid: bool [...] frames to score (default all).
     group_size: frames per official test batch for ``J_official_per_batch``; ``None`` makes the
       whole input one batch.
+    threshold: the prediction is ``prob > threshold`` (official 0.5; may be traced).
 
   Returns:
     ``j_iou_sum`` (sum of per-frame IoU), ``j_frame_count``; ``j_group_sum`` (sum over groups
@@ -128,7 +129,7 @@ def avsbench_j_accumulate(prob: Any, target: Any, valid: Any = None, *,
   p, t, v = _prepare(prob, target, valid, 'prob', 'target', jnp.float32)
   n, h, w = p.shape
   g = _groups(n, group_size)
-  pred = p > 0.5
+  pred = p > threshold
   gt = t > 0
   inter = jnp.sum(pred & gt, axis=(1, 2))
   union = jnp.sum(pred | gt, axis=(1, 2))
@@ -361,12 +362,12 @@ def davis_accumulate(pred: Any, gt: Any, valid: Any = None, *,
 
 def binary_accumulate(prob: Any, target: Any, valid: Any = None, *,
                       group_size: int | None = None, bound_th: float = DAVIS_BOUND_TH,
-                      with_davis: bool = True) -> dict[str, jax.Array]:
+                      with_davis: bool = True, threshold: Any = 0.5) -> dict[str, jax.Array]:
   """All binary-task sums (S4/MS3) of one eval batch: AVSBench J and F, DAVIS J and F.
 
   Args:
     prob: foreground probability [..., H, W], e.g. [B, T, H, W]; the binary prediction is
-      ``prob > 0.5``.
+      ``prob > threshold`` (official 0.5; F is threshold-free: the max over its 255 thresholds).
     target: ground truth [..., H, W], foreground where > 0 (the batch's ``semantic``).
     valid: bool [...] frames to score, e.g. ``gt_valid & frame_valid``.
     group_size: frames per official test batch (S4/MS3: 4 clips x T = 5 -> 20), for the official
@@ -379,10 +380,10 @@ def binary_accumulate(prob: Any, target: Any, valid: Any = None, *,
     ``with_davis``) ``davis_accumulate``.
   """
   prob = jnp.asarray(prob, jnp.float32)
-  sums = avsbench_j_accumulate(prob, target, valid, group_size=group_size)
+  sums = avsbench_j_accumulate(prob, target, valid, group_size=group_size, threshold=threshold)
   sums.update(avsbench_f_accumulate(prob, target, valid, group_size=group_size))
   if with_davis:
-    sums.update(davis_accumulate(prob > 0.5, jnp.asarray(target) > 0, valid, bound_th=bound_th))
+    sums.update(davis_accumulate(prob > threshold, jnp.asarray(target) > 0, valid, bound_th=bound_th))
   return sums
 
 
