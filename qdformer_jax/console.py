@@ -34,9 +34,16 @@ class _Short(logging.Formatter):
 
 def setup(verbosity: int = 0) -> None:
   """Configures logging once for a command-line run (idempotent)."""
+  from absl import flags
   from absl import logging as absl_logging
+  if not flags.FLAGS.is_parsed():  # an argparse CLI: absl would warn about logging before flag parsing
+    flags.FLAGS.mark_as_parsed()
+  absl_logging.use_absl_handler()  # outside absl's app.run (argparse CLIs) too
   handler = absl_logging.get_absl_handler()
   root = logging.getLogger()
+  for other in list(root.handlers):  # a basicConfig handler would print every record a second time
+    if other is not handler:
+      root.removeHandler(other)
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
   for f in list(handler.filters):
     if isinstance(f, _OwnRecordsOnly):

@@ -1,0 +1,248 @@
+"""Table 2 and Fig. 7 on the synthetic task: named variants × seeds, one command, resumable.
+
+  python -m qdformer_jax.experiments.ablation --out DIR [--variants full,no_quant,...] [--seeds 0,1,2]
+      [--config configs/synthetic.py] [--steps 600] [--snrs 20,10,0,-10]
+
+Every run trains ``--config`` with the variant's overrides for the same number of steps on the same
+data, seeds 0..S-1 (the seed draws the initial weights, the data order and the augmentation), then
+evaluates its final checkpoint on the test split: plain, with each clip given another clip's audio
+(the audio-use check) and with pink noise mixed in at each SNR (the paper's Fig. 7). A finished run
+(its test noise report exists) is not redone; an interrupted one resumes from its checkpoint.
+
+Writes under DIR: ``runs/<variant>/seed<k>/`` (each run's workdir and reports), ``results.json``
+(every run's numbers), ``results.md`` (mean ± std over seeds per variant, then the per-seed values)
+and ``results.png`` (test mIoU per variant; mIoU against SNR per variant).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import ml_collections
+
+from qdformer_jax import console
+from qdformer_jax import workdir as workdir_lib
+from qdformer_jax.training import train
+
+# The paper's Table 2 rows as switches of the model (row 2, time-domain separation with an
+# off-the-shelf model, has no counterpart here), then the recipe choices: from the recipe of
+# configs/synthetic.py to the paper-literal one, one change at a time, and all of them together.
+VARIANTS: dict[str, dict] = {
+    'baseline': {'model.decomposition': False},                              # row 1
+    'no_quant': {'model.quantize': False},                                   # row 3: Non-Q-SD
+    'qsd': {'model.avsr': False, 'model.local_calibration': False},          # row 4: Q-based-SD
+    'qsd_avsr': {'model.local_calibration': False},                          # row 5: + AVSR
+    'full': {},                                                              # row 6: + LC (ours)
+    'plain_codebook': {'model.vq_normalize': False, 'model.vq_restart_dead': False},
+    'eq9_sum': {'loss.quant_reduction': 'sum'},
+    'focal': {'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
+    'literal': {'model.vq_normalize': False, 'model.vq_restart_dead': False, 'loss.quant_reduction': 'sum',
+                'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
+}
+TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
+PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
+ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition w/o quantization',
+       'qsd': 'row 4: Q-based-SD', 'qsd_avsr': 'row 5: + AVSR', 'full': 'row 6: + LC (full)',
+       'plain_codebook': 'recipe: plain L2 codebook, no restarts', 'eq9_sum': 'recipe: Eq. 9 summed over d',
+       'focal': 'recipe: focal class loss (α .25, γ 2)', 'literal': 'recipe: all three (paper-literal)'}
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config file as main.py's --config reads it ('configs/synthetic.py:arg'): its get_config(arg)."""
+  import importlib.util
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--config {spec}: no config file {path!r}')
+  module_spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def set_field(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f'variant field {dotted!r} is not a config field')
+  node[leaf] = value
+
+
+def run_config(base, variant: str, seed: int, steps: int, data_dir: str) -> ml_collections.ConfigDict:
+  config = base.copy_and_resolve_references()
+  with config.unlocked():
+    for k, v in VARIANTS[variant].items():
+      set_field(config, k, v)
+    config.seed = seed
+    if steps:
+      config.total_steps = steps
+      config.lr_drop_steps = (int(steps * 0.85),)
+      config.eval_every = max(1, steps // 2)
+      config.checkpoint_every = max(1, steps // 4)
+    config.data.data_dir = data_dir
+  return config
+
+
+def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str) -> dict:
+  """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers."""
+  workdir = os.path.join(out, 'runs', variant, f'seed{seed}')
+  config = run_config(base, variant, seed, steps, data_dir)
+  reports = workdir_lib.reports_dir(workdir)
+  total = int(config.total_steps)
+  done = os.path.join(reports, f'noise_{test_split}_{total}.json')
+  t0 = time.time()
+  if not os.path.exists(done):
+    logging.info('run %s seed %d -> %s', variant, seed, workdir)
+    train.train_and_evaluate(config, workdir)
+    eval_config = config.copy_and_resolve_references()
+    with eval_config.unlocked():
+      eval_config.mode = 'eval'
+      eval_config.eval.update(split=test_split, checkpoint='latest', noise_snrs=tuple(snrs))
+      eval_config.evals = ml_collections.ConfigDict({
+          'test': {'kind': 'segmentation', 'split': '', 'every': 0},
+          'audio_use': {'kind': 'audio_use', 'split': '', 'every': 0},
+          'noise': {'kind': 'noise', 'split': '', 'every': 0}})
+    train.evaluate_checkpoint(eval_config, workdir)
+  seconds = time.time() - t0
+
+  def report(name):
+    with open(os.path.join(reports, name)) as f:
+      return json.load(f)
+
+  curve = {}
+  for name in sorted(os.listdir(reports)):
+    prefix = f'eval_{config.data.eval_split}_'
+    if name.startswith(prefix) and name[len(prefix):-5].isdigit():
+      curve[int(name[len(prefix):-5])] = report(name)['metrics'].get(config.best_metric)
+  noise = report(f'noise_{test_split}_{total}.json')
+  audio_use = report(f'audio_use_{test_split}_{total}.json')['metrics']
+  test = report(f'eval_{test_split}_{total}.json')['metrics']
+  metric = config.best_metric
+  return {
+      'variant': variant, 'seed': seed, 'steps': total, 'workdir': workdir,
+      'metric': metric, 'val_curve': {str(k): curve[k] for k in sorted(curve)},
+      'test': test.get(metric), 'test_F': test.get('F'),
+      'test_shuffled_audio': audio_use.get(metric, {}).get('shuffled_audio'),
+      'noise': {row['snr_db'] if isinstance(row['snr_db'], str) else f"{row['snr_db']:g}": row.get(metric)
+                for row in noise['table']},
+      'seconds_this_invocation': round(seconds, 1),
+  }
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+  if not values:
+    return float('nan'), float('nan')
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: list[dict], variants, snrs) -> dict:
+  by = {v: [r for r in results if r['variant'] == v] for v in variants}
+  summary = {}
+  for v, runs in by.items():
+    entry = {'n': len(runs)}
+    for key in ('test', 'test_shuffled_audio'):
+      entry[key] = _mean_std([r[key] for r in runs])
+    entry['noise'] = {s: _mean_std([r['noise'].get(s) for r in runs]) for s in ['clean'] + [f'{x:g}' for x in snrs]}
+    summary[v] = entry
+  return summary
+
+
+def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
+  fmt = lambda ms: '–' if math.isnan(ms[0]) else f'{ms[0]:.3f} ± {ms[1]:.3f}'  # noqa: E731
+  lines = [header, '',
+           f'| variant | what | test {metric} | with shuffled audio | ' + ' | '.join(f'SNR {s:g} dB' for s in snrs)
+           + ' | paper (AVSS) |', '|---' * (5 + len(snrs)) + '|']
+  for v in variants:
+    s = summary[v]
+    paper = f'{PAPER_TABLE2[v]:.1f}' if v in PAPER_TABLE2 else ''
+    lines.append(f'| {v} | {ROW.get(v, "")} | {fmt(s["test"])} | {fmt(s["test_shuffled_audio"])} | '
+                 + ' | '.join(fmt(s['noise'][f'{x:g}']) for x in snrs) + f' | {paper} |')
+  lines += ['', f'Per seed (test {metric}):', '', '| variant | ' + ' | '.join(
+      f'seed {r["seed"]}' for r in results if r['variant'] == variants[0]) + ' |',
+      '|---' * (1 + sum(r['variant'] == variants[0] for r in results)) + '|']
+  for v in variants:
+    lines.append(f'| {v} | ' + ' | '.join(f'{r["test"]:.3f}' for r in results if r['variant'] == v) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(path: str, summary, variants, snrs, metric: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(10, 3.8), dpi=100)
+  FigureCanvasAgg(fig)
+  left, right = fig.subplots(1, 2)
+  means = [summary[v]['test'][0] for v in variants]
+  stds = [summary[v]['test'][1] for v in variants]
+  left.bar(range(len(variants)), means, yerr=stds, capsize=3, color=['C0' if v in TABLE2 else 'C1' for v in variants])
+  left.set_xticks(range(len(variants)), variants, rotation=35, ha='right', fontsize=8)
+  left.set_ylabel(f'test {metric}')
+  left.set_title('variants (mean ± std over seeds)', fontsize=9)
+  for i, v in enumerate(variants):
+    ys = [summary[v]['noise'][f'{x:g}'][0] for x in snrs]
+    right.plot(snrs, ys, 'o-', color=f'C{i % 10}', label=v)
+  right.invert_xaxis()
+  right.set_xlabel('SNR of added noise (dB)')
+  right.set_ylabel(f'test {metric}')
+  right.set_title('noise robustness (Fig. 7)', fontsize=9)
+  right.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--config', default='configs/synthetic.py')
+  parser.add_argument('--variants', default=','.join(TABLE2))
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--steps', type=int, default=0, help='steps per run (0: the config\'s total_steps)')
+  parser.add_argument('--snrs', default='20,10,0,-10')
+  parser.add_argument('--test_split', default='test')
+  parser.add_argument('--data_dir', default='', help='TFDS dir shared by all runs (default OUT/tfds)')
+  parser.add_argument('--verbosity', type=int, default=0)
+  parser.add_argument('--debug', action='store_true')
+  args = parser.parse_args(argv)
+  console.setup(args.verbosity)
+  with console.user_errors(args.debug):
+    variants = [v for v in args.variants.split(',') if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+      raise ValueError(f'unknown variants {unknown}; known: {sorted(VARIANTS)}')
+    seeds = [int(s) for s in args.seeds.split(',') if s]
+    snrs = [float(s) for s in args.snrs.split(',') if s]
+    os.makedirs(args.out, exist_ok=True)
+    base = load_config(args.config)
+    data_dir = args.data_dir or os.path.join(args.out, 'tfds')
+    results = []
+    for variant in variants:
+      for seed in seeds:
+        results.append(run_one(base, variant, seed, args.out, args.steps, snrs, data_dir, args.test_split))
+        logging.info('%s seed %d: test %s %.4f (shuffled audio %.4f)', variant, seed, results[-1]['metric'],
+                     results[-1]['test'], results[-1]['test_shuffled_audio'])
+    metric = results[0]['metric']
+    summary = summarize(results, variants, snrs)
+    steps = results[0]['steps']
+    header = (f'# Ablation on {args.config}: {steps} steps per run, seeds {seeds}\n\n'
+              f'Command: python -m qdformer_jax.experiments.ablation --out {args.out} --config {args.config} '
+              f'--variants {",".join(variants)} --seeds {args.seeds} --steps {args.steps} --snrs {args.snrs}')
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+      json.dump({'command': sys.argv, 'runs': results, 'summary': summary}, f, indent=2)
+    table = markdown(results, summary, variants, snrs, metric, header)
+    with open(os.path.join(args.out, 'results.md'), 'w') as f:
+      f.write(table)
+    plot(os.path.join(args.out, 'results.png'), summary, variants, snrs, metric)
+    print(table)
+    print(f'wrote {args.out}/results.json, results.md, results.png')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
