@@ -9,7 +9,7 @@ warm-up call, median over ``--reps`` calls:
 
 * ``forward``: the model's forward pass (``train=False``), outputs as the evaluator consumes them;
 * ``metrics``: what the eval step adds to the forward pass, given its outputs: post-processing
-  (DESIGN.md §3: bilinear mask upsampling to 224², AVSS labels / binary probabilities) and the
+  (docs/DESIGN.md §3: bilinear mask upsampling to 224², AVSS labels / binary probabilities) and the
   metric accumulators of ``qdformer_jax.evaluation.metrics`` (AVSS: per-class IoU/F sums over 71
   classes; S4: J, 255-threshold F curves, DAVIS sums where enabled), added to running sums;
 * ``eval step``: ``Evaluator``'s whole jitted step (forward + metrics, one XLA program).
@@ -87,7 +87,7 @@ def host_state(config, mesh):
 
 
 def random_batch(config, batch: int, mesh) -> dict:
-  """A batch of the contract (DESIGN.md §4.2) with random frames, audio and class-id masks."""
+  """A batch of the contract (docs/DESIGN.md §4.2) with random frames, audio and class-id masks."""
   rng = np.random.default_rng(1)
   t, s = int(config.data.num_frames), int(config.data.image_size)
   num_ids = 2 if config.data.binary else int(config.data.num_classes) + 1

@@ -1,4 +1,4 @@
-"""Defaults shared by every task config (DESIGN.md §1, §2, §6). Task files override what differs.
+"""Defaults shared by every task config (docs/DESIGN.md §1, §2, §6). Task files override what differs.
 
 Not a task itself: use configs/{synthetic,s4,ms3,avss}.py.
 """

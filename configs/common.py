@@ -83,7 +83,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Con
 
 
 def avs_object_config(subset: str, arg: str) -> ml_collections.ConfigDict:
-  """S4 or MS3 (``subset``): binary masks, T = 5, 13 epochs with the lr drop at 11 (DESIGN.md §6)."""
+  """S4 or MS3 (``subset``): binary masks, T = 5, 13 epochs with the lr drop at 11 (docs/DESIGN.md §6)."""
   c = base.get_base_config()
   c.name = subset
   c.data.name = 'avs_object'

@@ -1,6 +1,6 @@
 """AVSBench AVS-Object S4 (single sound source, binary masks, T = 5): the paper's recipe.
 
-Build the dataset once (DESIGN.md §4.1 layout; see tfds_builders/avs_object/README.md):
+Build the dataset once (docs/DESIGN.md §4.1 layout; see tfds_builders/avs_object/README.md):
 
   python -m tfds_builders.avs_object --raw_dir RAW --data_dir DATA --config s4
 

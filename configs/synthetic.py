@@ -1,4 +1,4 @@
-"""The embedded synthetic task (DESIGN.md §4.3): the default job on a fresh machine, no download.
+"""The embedded synthetic task (docs/DESIGN.md §4.3): the default job on a fresh machine, no download.
 
   python main.py --config configs/synthetic.py --workdir /tmp/qdf_synthetic
   python main.py --config configs/synthetic.py:smoke --workdir /tmp/qdf_smoke       # < 2 min
@@ -56,7 +56,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.loss.quant_reduction = 'mean'
   # Sigmoid focal loss (α 0.25, γ 2) compresses class probabilities towards 0.5 (a class that is
   # right 80 % of the time is best predicted at p = 0.53), so few pixels reach the 0.5 score of
-  # DESIGN.md §3: validation mIoU stayed at the all-background 0.10 for 800 steps. γ = 0, α = 0.5
+  # docs/DESIGN.md §3: validation mIoU stayed at the all-background 0.10 for 800 steps. γ = 0, α = 0.5
   # (binary cross-entropy, calibrated) reached 0.36 in the same 800 steps.
   c.loss.focal_gamma = 0.0
   c.loss.focal_alpha = 0.5

@@ -1,4 +1,4 @@
-"""Public inference entry point (DESIGN.md §8): restore a trained model anywhere and segment clips.
+"""Public inference entry point (docs/DESIGN.md §8): restore a trained model anywhere and segment clips.
 
   from qdformer_jax import inference
   predictor = inference.load('/path/to/workdir')            # best checkpoint, else the latest
@@ -25,7 +25,7 @@ the checkpoint was saved from (8 TPU chips -> one Colab GPU or a laptop CPU):
 ``Predictor.predict`` does the evaluation pipeline of one clip: frames warped to the config's
 ``image_size`` (``transforms.eval_transform``, PIL bilinear), audio as VGGish log-mel
 (``waveform_to_log_mel`` + ``pad_examples``: one 0.96 s example per frame), the model in eval mode,
-then DESIGN.md §3 post-processing with the mask logits upsampled bilinearly to the input resolution
+then docs/DESIGN.md §3 post-processing with the mask logits upsampled bilinearly to the input resolution
 (``qdformer_jax.evaluation.postprocess``, the evaluator's own code).
 The model runs in one jitted program per model-input shape (B, T) and the post-processing in one per
 output size, so clips of many resolutions share the model's compilation.
@@ -364,7 +364,7 @@ class Predictor:
         one trimmed to T examples.
       sample_rate: the waveform's rate in Hz (any rate: resampled to 16 kHz). None: audio is log-mel.
       frame_valid: optional bool [T] or [B,T]; False marks padding frames (excluded from fusion).
-      threshold: 0.5 in DESIGN.md §3.
+      threshold: 0.5 in docs/DESIGN.md §3.
       output_size: (height, width) of the predictions instead of the input's H×W.
       return_raw: also return ``raw``: the model's final-layer per-slot outputs ``pred_logits``
         [B,T,N,C], ``pred_boxes`` [B,T,N,4], ``pred_masks`` [B,T,N,S/4,S/4] (logits) and the VQ

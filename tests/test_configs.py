@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {'s4': s4, 'ms3': ms3, 'avss': avss}
 ARGS = ('', 'smoke', 'swin_t', 'smoke,swin_t')
 
-# DESIGN.md §4-6 and the AVSBench releases.
+# docs/DESIGN.md §4-6 and the AVSBench releases.
 RECIPES = {
     's4': dict(name='avs_object', builder_config='s4', num_frames=5, binary=True, num_classes=1,
                epochs=13, drops=(11,), best='J', resize='warp'),
@@ -48,7 +48,7 @@ def test_config_loads_with_the_paper_recipe(task, arg):
     assert c.total_steps > 0 and c.model.hidden_dim < 64 and c.data.image_size < 224
     assert 0 < c.eval_every <= c.total_steps and c.checkpoint_every <= c.total_steps
   else:
-    # Paper sizes (DESIGN.md §1, §6).
+    # Paper sizes (docs/DESIGN.md §1, §6).
     assert c.total_steps == 0 and c.data.image_size == 224 and c.batch_size == 4
     assert (c.model.hidden_dim, c.model.num_queries, c.model.codebook_size) == (256, 5, 128)
     assert (c.optim.learning_rate, c.optim.backbone_lr_mult, c.optim.weight_decay) == (1e-4, 0.5, 5e-4)

@@ -206,7 +206,7 @@ def np_resize_bilinear(x, height, width):
 
 
 def np_postprocess(raw, height, width, threshold, binary):
-  """DESIGN.md §3 in NumPy, written out per class (the [C,H,W] score volume the fast path avoids)."""
+  """docs/DESIGN.md §3 in NumPy, written out per class (the [C,H,W] score volume the fast path avoids)."""
   sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
   masks = sig(np_resize_bilinear(raw['pred_masks'].astype(np.float64), height, width))  # [B,T,N,H,W]
   probs = sig(raw['pred_logits'].astype(np.float64))                                   # [B,T,N,C]

@@ -1,4 +1,4 @@
-"""Targets, matching costs and losses against direct NumPy transcriptions (DESIGN.md §2).
+"""Targets, matching costs and losses against direct NumPy transcriptions (docs/DESIGN.md §2).
 
 References are float64 loop-based transcriptions of the formulas; the JAX code runs in float32.
 Tolerances: 1e-5 relative (+1e-6 absolute) for elementwise terms, 1e-4 relative for the summed

@@ -1,4 +1,4 @@
-"""matching.hungarian against scipy.optimize.linear_sum_assignment (DESIGN.md §2).
+"""matching.hungarian against scipy.optimize.linear_sum_assignment (docs/DESIGN.md §2).
 
 Optimality is checked by the total cost (ties may give different but equally good assignments),
 with a tolerance of 1e-5 relative for float costs (the solver runs in float32) and exact equality

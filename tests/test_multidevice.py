@@ -1,4 +1,4 @@
-"""One process, several devices (DESIGN.md §7): the sharded train step and checkpoints do not depend
+"""One process, several devices (docs/DESIGN.md §7): the sharded train step and checkpoints do not depend
 on the device count.
 
 Each test runs its JAX work in a fresh subprocess (this file, run as a script) whose

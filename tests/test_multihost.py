@@ -1,4 +1,4 @@
-"""Several processes (hosts) on one machine (DESIGN.md §7): the input split, global batch assembly,
+"""Several processes (hosts) on one machine (docs/DESIGN.md §7): the input split, global batch assembly,
 the train step, Orbax multi-process checkpoints and padded evaluation across process boundaries.
 
 ``test_two_processes_on_loopback`` starts two worker processes (this file, run as a script), each with

@@ -99,7 +99,7 @@ def test_objects_have_their_class_colour():
 
 
 def test_rates_over_200_clips():
-  """Visible-but-silent and off-screen rates lie in the intended ranges (DESIGN.md §4.3)."""
+  """Visible-but-silent and off-screen rates lie in the intended ranges (docs/DESIGN.md §4.3)."""
   config = synthetic.ClipConfig(task='semantic', image_size=32, num_frames=5)
   silent, pairs, offscreen_clips, offscreen_frames, n_objects, empty_frames = 0, 0, 0, 0, [], 0
   for seed in range(200):

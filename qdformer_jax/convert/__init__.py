@@ -1,6 +1,6 @@
 """Weight converters: PyTorch backbone checkpoints -> NNX state of our backbones.
 
-Command line (DESIGN.md §8):
+Command line (docs/DESIGN.md §8):
   python -m qdformer_jax.convert {resnet50,swin_t,vggish,...} --src FILE --out DIR
 
 Readable inputs:

@@ -1,4 +1,4 @@
-"""The VGGish log-mel front end in NumPy/SciPy (DESIGN.md §4.1).
+"""The VGGish log-mel front end in NumPy/SciPy (docs/DESIGN.md §4.1).
 
 A torch-free transcription of torchvggish's ``vggish_input.waveform_to_examples`` and
 ``mel_features``: mono mix-down, resampling to 16 kHz, 25 ms periodic-Hann frames every 10 ms,

@@ -1,4 +1,4 @@
-"""AVSBench as released: the S4, MS3 and AVSS layouts, read into the common record (DESIGN.md §4.1).
+"""AVSBench as released: the S4, MS3 and AVSS layouts, read into the common record (docs/DESIGN.md §4.1).
 
 Shared by the ``avs_object`` and ``avs_semantic`` TFDS builders. Listing functions
 (:func:`list_s4`, :func:`list_ms3`, :func:`list_avss`) turn a release directory and a split into

@@ -1,4 +1,4 @@
-"""grain input pipelines: TFDS ArrayRecord clips -> the batch contract of DESIGN.md §4.2.
+"""grain input pipelines: TFDS ArrayRecord clips -> the batch contract of docs/DESIGN.md §4.2.
 
 One pipeline serves every dataset, because every builder writes the record layout of
 ``qdformer_jax.data.records``. Process p yields rows [p * b, (p + 1) * b) of every global batch

@@ -1,4 +1,4 @@
-"""Procedural audio-visual segmentation clips in pure NumPy (DESIGN.md §4.3, `synthetic_avs`).
+"""Procedural audio-visual segmentation clips in pure NumPy (docs/DESIGN.md §4.3, `synthetic_avs`).
 
 Each class pairs a visual identity (shape, colour, texture) with a sound identity (a harmonic tone
 with its own fundamental, harmonic profile and amplitude/frequency modulation). A clip shows 1–3

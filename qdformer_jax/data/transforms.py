@@ -1,4 +1,4 @@
-"""Clip transforms of the input pipeline, on decoded NumPy arrays (DESIGN.md §4.1).
+"""Clip transforms of the input pipeline, on decoded NumPy arrays (docs/DESIGN.md §4.1).
 
 Pure functions of (frames uint8 [T,H,W,3], semantic uint8 [T,H,W]) -> the same at the output size;
 the only randomness, the horizontal flip, comes from a generator the caller passes (or an explicit

@@ -1,4 +1,4 @@
-"""Evaluation metrics, exact to the official definitions (DESIGN.md §5 and §8).
+"""Evaluation metrics, exact to the official definitions (docs/DESIGN.md §5 and §8).
 
 Metrics
 -------
@@ -528,7 +528,7 @@ def finalize(sums: Mapping[str, Any]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Public entry points (DESIGN.md §8): one batch in, numbers out, via the accumulators above.
+# Public entry points (docs/DESIGN.md §8): one batch in, numbers out, via the accumulators above.
 
 _jit_j = jax.jit(lambda logits, target: avsbench_j_accumulate(jax.nn.sigmoid(logits), target))
 _jit_f = jax.jit(lambda logits, target: avsbench_f_accumulate(jax.nn.sigmoid(logits), target))

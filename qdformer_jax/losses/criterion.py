@@ -1,4 +1,4 @@
-"""QDFormer training loss L = λ_quant L_quant + L_segm (paper §3.5, DESIGN.md §2).
+"""QDFormer training loss L = λ_quant L_quant + L_segm (paper §3.5, docs/DESIGN.md §2).
 
 ``compute_loss`` is a pure function of the model outputs and the batch:
 
@@ -41,7 +41,7 @@ from qdformer_jax.losses.targets import make_targets
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss weights and options; the defaults are DESIGN.md §2 (ReferFormer lineage)."""
+  """Loss weights and options; the defaults are docs/DESIGN.md §2 (ReferFormer lineage)."""
   cls_weight: float = 2.0
   l1_weight: float = 5.0
   giou_weight: float = 2.0
@@ -255,7 +255,7 @@ def compute_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], loss_conf
       raise ValueError(f'compute_loss: outputs has no {key!r}; pass the model output dict.')
   for key in ('semantic', 'gt_valid', 'frame_valid'):
     if key not in batch:
-      raise ValueError(f'compute_loss: batch has no {key!r} (see DESIGN.md §4.2).')
+      raise ValueError(f'compute_loss: batch has no {key!r} (see docs/DESIGN.md §4.2).')
   batch_size, frames, slots = outputs['pred_logits'].shape[:3]
   mask_h, mask_w = outputs['pred_masks'].shape[-2:]
   semantic = batch['semantic']

@@ -1,4 +1,4 @@
-"""Clip-level set matching of prediction slots to ground-truth objects (DESIGN.md §2).
+"""Clip-level set matching of prediction slots to ground-truth objects (docs/DESIGN.md §2).
 
 Prediction slot i (over all T frames) is matched to ground-truth object j (over all T frames) by a
 minimum-cost assignment computed on the device, inside the jitted step, by

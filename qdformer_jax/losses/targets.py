@@ -1,4 +1,4 @@
-"""Set-prediction targets from semantic label maps (DESIGN.md §2).
+"""Set-prediction targets from semantic label maps (docs/DESIGN.md §2).
 
 One jittable function with static output shapes turns a clip batch of semantic maps into the
 per-clip object sets that the Hungarian matcher and the segmentation losses consume:

@@ -1,4 +1,4 @@
-"""Audio encoders: VGGish (the paper's, DESIGN.md §1) or a narrow VGG-style net for small configs.
+"""Audio encoders: VGGish (the paper's, docs/DESIGN.md §1) or a narrow VGG-style net for small configs.
 
 Both map VGGish log-mel examples [B, 96, 64] to 128-d embeddings (the final ReLU kept), so the rest
 of the model does not depend on the choice.

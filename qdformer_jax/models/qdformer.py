@@ -1,4 +1,4 @@
-"""QDFormer (DESIGN.md §1): encoders, global decomposition, local calibration, mask decoding.
+"""QDFormer (docs/DESIGN.md §1): encoders, global decomposition, local calibration, mask decoding.
 
 Data flow for a batch of B clips of T frames (d = hidden_dim, N = num_queries, K = codebook_size):
 

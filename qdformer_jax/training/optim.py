@@ -1,4 +1,4 @@
-"""Optimizer of DESIGN.md §6: AdamW, backbone lr × 0.5, step decay, global-norm clipping.
+"""Optimizer of docs/DESIGN.md §6: AdamW, backbone lr × 0.5, step decay, global-norm clipping.
 
 Which parameters train is decided by an NNX filter (``trainable_filter``): every ``nnx.Param`` except
 the backbone's frozen stages and, when ``model.audio.trainable`` is False, the audio encoder (frozen

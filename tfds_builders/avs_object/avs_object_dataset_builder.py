@@ -1,6 +1,6 @@
 """AVSBench AVS-Object (S4 single source, MS3 multi source) as TFDS records, TensorFlow-free.
 
-Reads the release as unpacked (DESIGN.md §4.1, layout in README.md) and writes
+Reads the release as unpacked (docs/DESIGN.md §4.1, layout in README.md) and writes
 ``qdformer_jax.data.records.clip_features(5)``: frames as released (PNG bytes), masks binarised
 (> 0 -> class id 1) as 8-bit PNGs, log-mel computed once here from the wav files (or read from the
 released ``.pkl`` files with ``log_mel_source='pkl'``, which needs torch), and the wav itself as

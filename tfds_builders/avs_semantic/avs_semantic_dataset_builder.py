@@ -1,6 +1,6 @@
 """AVSBench AVS-Semantic (AVSS: v1s, v1m, v2) as TFDS records, TensorFlow-free.
 
-Reads the release as unpacked (DESIGN.md §4.1, layout in README.md) and writes
+Reads the release as unpacked (docs/DESIGN.md §4.1, layout in README.md) and writes
 ``qdformer_jax.data.records.clip_features(10)``: frames as released (JPEG bytes, b'' for the 5
 padded frames of v1 clips, ``frame_valid`` False there), masks as 8-bit PNGs of class ids 0..70
 (background 0 = label2idx - 1), from ``labels_semantic`` where present and otherwise from

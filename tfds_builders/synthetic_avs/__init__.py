@@ -1,4 +1,4 @@
-"""`synthetic_avs`: the embedded procedural audio-visual segmentation dataset (DESIGN.md §4.3)."""
+"""`synthetic_avs`: the embedded procedural audio-visual segmentation dataset (docs/DESIGN.md §4.3)."""
 from tfds_builders.synthetic_avs.synthetic_avs_dataset_builder import (
     BUILDER_CONFIGS,
     SPLITS,
