@@ -1,6 +1,7 @@
 """Tests of the procedural dataset: qdformer_jax.data.synthetic and tfds_builders/synthetic_avs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -273,10 +274,27 @@ def test_seed_override_changes_examples_and_binary_configs(tmp_path):
 
 def test_registered_configs_and_bad_overrides():
   names = [c.name for c in tfds_builder.BUILDER_CONFIGS]
-  assert names == ['single', 'multi', 'semantic']
+  assert names == ['single', 'multi', 'semantic', 'semantic_hard']
   assert tfds_builder.make_config('multi') is tfds_builder.BUILDER_CONFIGS[1]
   assert tfds_builder.make_config('multi', image_size=64) is tfds_builder.BUILDER_CONFIGS[1]
   with pytest.raises(ValueError, match='no config'):
     tfds_builder.make_config('panoptic')
   with pytest.raises(ValueError, match='not fields'):
     tfds_builder.make_config('semantic', imagesize=32)
+
+
+def test_hard_variant_leaves_default_clips_unchanged_and_mixes_more_sources():
+  cfg = tfds_builder.make_config('semantic_hard').clip_config()
+  assert cfg.shared_partials and cfg.max_offscreen == 2
+  assert synthetic.shared_f0(1) == synthetic.shared_f0(0) == synthetic.CLASSES[0].f0
+  offscreen, sounding = [], []
+  for seed in range(40):
+    meta = synthetic.make_clip(dataclasses.replace(cfg, image_size=32, num_frames=3), seed).metadata
+    offscreen.append(len(meta['offscreen_classes']))
+    sounding.append(meta['sounding'].sum(1).min())
+    assert not set(meta['offscreen_classes']) & set(meta['classes'])
+    assert meta['frame_snr_db'].shape == (3,) and (meta['frame_snr_db'] <= meta['snr_db']).all()
+  assert max(offscreen) == 2 and min(sounding) >= 1
+  # The default variant keeps its random stream: no extra draws when the new fields are at default.
+  meta = synthetic.make_clip(synthetic.ClipConfig(image_size=32, num_frames=3), 0).metadata
+  assert (meta['frame_snr_db'] == meta['snr_db']).all()

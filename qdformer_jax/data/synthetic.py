@@ -117,6 +117,15 @@ class ClipConfig:
     which then sounds in each frame with probability `offscreen_frame_prob`.
   snr_db: range of the background-noise level, in dB below a source of gain 1.
   gain: range of the per-clip gain of each source.
+
+  Harder variants (defaults leave the clips, and the random stream, as they were):
+  shared_partials: classes pair up on one fundamental (`shared_f0`), so a frame's spectrum no
+    longer names its classes by pitch; only harmonic profile and modulation separate a pair.
+  max_offscreen: an off-screen clip has 1..max_offscreen off-screen sources.
+  min_sounding: at least min(min_sounding, visible objects) objects sound in every frame
+    (concurrent sources).
+  frame_snr_jitter_db: each frame's noise is louder by U(0, jitter) dB (noise bursts that mask
+    single frames: the clip's other frames still name the classes).
   """
   task: str = 'semantic'
   image_size: int = 64
@@ -131,6 +140,10 @@ class ClipConfig:
   offscreen_frame_prob: float = 0.6
   snr_db: tuple[float, float] = (5.0, 25.0)
   gain: tuple[float, float] = (0.5, 1.0)
+  shared_partials: bool = False
+  max_offscreen: int = 1
+  min_sounding: int = 0
+  frame_snr_jitter_db: float = 0.0
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -143,9 +156,12 @@ class ClipConfig:
     if not 1 <= self.min_objects <= self.max_objects:
       raise ValueError(f'ClipConfig needs 1 <= min_objects <= max_objects, got '
                        f'{self.min_objects}, {self.max_objects}')
-    if not self.max_objects + 1 <= self.num_classes <= MAX_CLASSES:
-      raise ValueError(f'ClipConfig.num_classes must be in {self.max_objects + 1}..{MAX_CLASSES} '
-                       f'(max_objects + 1 leaves a class for off-screen sound), got {self.num_classes}')
+    if self.max_offscreen < 1:
+      raise ValueError(f'ClipConfig.max_offscreen must be >= 1, got {self.max_offscreen}')
+    need = self.max_objects + self.max_offscreen
+    if not need <= self.num_classes <= MAX_CLASSES:
+      raise ValueError(f'ClipConfig.num_classes must be in {need}..{MAX_CLASSES} '
+                       f'(max_objects + max_offscreen leaves classes for off-screen sound), got {self.num_classes}')
     if self.image_size < 16:
       raise ValueError(f'ClipConfig.image_size must be >= 16, got {self.image_size}')
     if self.num_frames < 1:
@@ -172,8 +188,9 @@ class Clip(NamedTuple):
   [T·16000] at 16 kHz. metadata: dict with
     classes int [n] (visible classes, 0-based, in drawing order: later objects occlude earlier),
     sounding bool [T,n], visible bool [T,n] (object has visible pixels), object_masks bool
-    [T,n,H,W] (visible pixels of each object), offscreen_classes int [m] (m = 0 or 1),
-    offscreen_sounding bool [T,m], gains float [n+m], snr_db float, centers float [T,n,2] (x, y
+    [T,n,H,W] (visible pixels of each object), offscreen_classes int [m] (m = 0, or
+    1..max_offscreen), offscreen_sounding bool [T,m], gains float [n+m], snr_db float, frame_snr_db
+    float [T] (the noise level of each frame), centers float [T,n,2] (x, y
     pixels), sizes float [n] (bounding-box side, pixels).
   """
   frames: np.ndarray
@@ -190,17 +207,25 @@ def _as_rng(seed_or_rng) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------------------------- audio
 
+def shared_f0(class_id: int) -> float:
+  """The fundamental of ``class_id`` when classes share partials: pairs (2k, 2k+1) sound on the
+  fundamental of class 2k, so their partials coincide and only the harmonic profile and the
+  modulation tell them apart (e.g. 'odd' ⊂ 'rich', 'pure' ⊂ 'bright' partial sets)."""
+  return CLASSES[class_id - class_id % 2].f0
+
+
 def class_tone(class_id: int, num_samples: int, rng: np.random.Generator,
-               detune: float = 1.0) -> np.ndarray:
+               detune: float = 1.0, f0: float | None = None) -> np.ndarray:
   """The sound identity of ``class_id``: float64 [num_samples] at 16 kHz with RMS 1.
 
   Harmonic partials of the class profile (those below 7 kHz) on a vibrato fundamental f0·detune,
-  times the class's amplitude modulation; the modulation and partial phases are random.
+  times the class's amplitude modulation; the modulation and partial phases are random. ``f0``
+  replaces the class's own fundamental (see `shared_f0`).
   """
   if not 0 <= class_id < MAX_CLASSES:
     raise ValueError(f'class_id must be in 0..{MAX_CLASSES - 1}, got {class_id}')
   spec = CLASSES[class_id]
-  f0 = spec.f0 * detune
+  f0 = (spec.f0 if f0 is None else f0) * detune
   # The slow modulators are computed every millisecond and held (steps far below audibility).
   t = np.arange(0, num_samples, _MODULATOR_STEP) / SAMPLE_RATE
   vibrato = np.sin(2 * np.pi * spec.fm_rate * t + rng.uniform(0, 2 * np.pi))
@@ -251,13 +276,15 @@ def frame_gate(active: np.ndarray, num_samples: int) -> np.ndarray:
 
 def class_waveform(classes: Sequence[int], num_frames: int, seed_or_rng,
                    sounding: np.ndarray | None = None, gains: Sequence[float] | None = None,
-                   snr_db: float | None = None) -> np.ndarray:
+                   snr_db: float | np.ndarray | None = None,
+                   shared_partials: bool = False) -> np.ndarray:
   """The waveform of a clip in which ``classes`` sound: float32 [num_frames·16000] at 16 kHz.
 
   sounding: bool [num_frames, len(classes)], which class sounds in which frame (default: all, all
   the time). gains: per-class gain (default 1). snr_db: background noise level in dB below a source
-  of gain 1 (None: no noise). Each class gets a random detune of ±3 %. The result is scaled down
-  if its peak would exceed 0.99.
+  of gain 1 (None: no noise), one value or one per frame (switched like the sources). Each class
+  gets a random detune of ±3 %. shared_partials: classes sound on `shared_f0`. The result is scaled
+  down if its peak would exceed 0.99.
   """
   rng = _as_rng(seed_or_rng)
   classes = [int(c) for c in classes]
@@ -273,10 +300,15 @@ def class_waveform(classes: Sequence[int], num_frames: int, seed_or_rng,
     raise ValueError(f'gains must have one entry per class ({len(classes)}), got shape {gains.shape}')
   mix = np.zeros(num_samples)
   for i, c in enumerate(classes):
-    tone = class_tone(c, num_samples, rng, detune=rng.uniform(0.97, 1.03))
+    tone = class_tone(c, num_samples, rng, detune=rng.uniform(0.97, 1.03),
+                      f0=shared_f0(c) if shared_partials else None)
     mix += _SOURCE_RMS * gains[i] * frame_gate(sounding[:, i], num_samples) * tone
   if snr_db is not None:
-    mix += _SOURCE_RMS * 10.0 ** (-snr_db / 20.0) * background_noise(num_samples, rng)
+    if np.ndim(snr_db) == 0:
+      level = 10.0 ** (-float(snr_db) / 20.0)
+    else:
+      level = frame_gate(10.0 ** (-np.asarray(snr_db, np.float64) / 20.0), num_samples)
+    mix += _SOURCE_RMS * level * background_noise(num_samples, rng)
   peak = np.max(np.abs(mix)) if num_samples else 0.0
   if peak > 0.99:
     mix *= 0.99 / peak
@@ -407,10 +439,16 @@ def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
     sounding[:, rng.integers(n)] = True
   else:
     sounding = rng.random((num_frames, n)) < config.sound_prob
+    if config.min_sounding > 0:  # switch on the silent objects with the highest draws until enough sound
+      order = np.argsort(np.where(sounding, -1.0, rng.random((num_frames, n))), axis=1)[:, ::-1]
+      need = np.maximum(min(config.min_sounding, n) - sounding.sum(1), 0)
+      for t in range(num_frames):
+        sounding[t, order[t, :need[t]]] = True
 
   if rng.random() < config.offscreen_prob:
-    offscreen = others[:1]
-    offscreen_sounding = rng.random((num_frames, 1)) < config.offscreen_frame_prob
+    m = 1 if config.max_offscreen == 1 else int(rng.integers(1, config.max_offscreen + 1))
+    offscreen = others[:m]
+    offscreen_sounding = rng.random((num_frames, m)) < config.offscreen_frame_prob
   else:
     offscreen = others[:0]
     offscreen_sounding = np.zeros((num_frames, 0), bool)
@@ -425,9 +463,12 @@ def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
 
   gains = rng.uniform(*config.gain, size=n + len(offscreen))
   snr_db = float(rng.uniform(*config.snr_db))
+  frame_snr_db = snr_db
+  if config.frame_snr_jitter_db > 0:
+    frame_snr_db = snr_db - rng.uniform(0.0, config.frame_snr_jitter_db, size=num_frames)
   waveform = class_waveform(np.concatenate([classes, offscreen]), num_frames, rng,
                             sounding=np.concatenate([sounding, offscreen_sounding], axis=1),
-                            gains=gains, snr_db=snr_db)
+                            gains=gains, snr_db=frame_snr_db, shared_partials=config.shared_partials)
   metadata = {
       'classes': classes.astype(np.int64),
       'sounding': sounding,
@@ -437,6 +478,7 @@ def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
       'offscreen_sounding': offscreen_sounding,
       'gains': gains,
       'snr_db': snr_db,
+      'frame_snr_db': np.broadcast_to(np.float64(frame_snr_db), (num_frames,)).copy(),
       'centers': centers,
       'sizes': sides,
   }
