@@ -174,6 +174,20 @@ def test_read_wav(tmp_path):
     audio.read_wav(tmp_path / 'bad.wav')
 
 
+def test_read_wav_refuses_a_truncated_file(tmp_path):
+  """A 5 s WAV cut inside its data (the header announces more than the file holds) is an error naming
+  the file, not 2.5 s of audio (scipy only warns)."""
+  scipy.io.wavfile.write(tmp_path / 'full.wav', 16000, np.ones(80000, np.int16))
+  data = (tmp_path / 'full.wav').read_bytes()
+  (tmp_path / 'cut.wav').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r'cut.wav: truncated WAV file \(its header announces 160044 bytes, the file '
+                                      r'holds 80022\)'):
+    audio.read_wav(tmp_path / 'cut.wav')
+  with pytest.raises(ValueError, match=r'<bytes>: truncated WAV file'):
+    audio.read_wav(data[:len(data) // 2])
+  assert audio.read_wav(tmp_path / 'full.wav')[0].shape == (80000,)
+
+
 class _Evil:
   """Unpickles to a function call (harmless here) unless the loader refuses it."""
 

@@ -21,6 +21,7 @@ import functools
 import io
 import os
 import pickle
+import warnings
 
 import numpy as np
 import scipy.io.wavfile
@@ -207,15 +208,42 @@ def read_wav(path_or_bytes) -> tuple[np.ndarray, int]:
   """A WAV file (path or bytes) -> (samples as stored: 1-D or [n, channels], sample rate).
 
   Reads PCM (uint8, int16, 24/32-bit int) and IEEE float WAVs with scipy; raises ValueError naming
-  the file when it is not a readable WAV.
+  the file when it is not a readable WAV, including a truncated one (its header announces more
+  audio data than the file holds; scipy would only warn and return the shorter audio).
   """
   source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
   name = '<bytes>' if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
+  declared, held = _riff_sizes(path_or_bytes)
+  if declared is not None and held < declared:
+    raise ValueError(f'{name}: truncated WAV file (its header announces {declared} bytes, the file holds {held})')
   try:
-    sample_rate, samples = scipy.io.wavfile.read(source)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always', scipy.io.wavfile.WavFileWarning)
+      sample_rate, samples = scipy.io.wavfile.read(source)
   except (ValueError, EOFError, OSError) as e:
     raise ValueError(f'{name}: not a readable WAV file ({e})') from e
+  for w in caught:
+    if issubclass(w.category, scipy.io.wavfile.WavFileWarning) and 'EOF' in str(w.message):
+      raise ValueError(f'{name}: truncated WAV file ({w.message})')
+    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # the others, as scipy gave them
   return samples, int(sample_rate)
+
+
+def _riff_sizes(path_or_bytes) -> tuple[int | None, int]:
+  """(file size a RIFF/WAVE header announces or None, bytes actually held)."""
+  if isinstance(path_or_bytes, bytes):
+    head, held = path_or_bytes[:12], len(path_or_bytes)
+  else:
+    try:
+      with open(path_or_bytes, 'rb') as f:
+        head = f.read(12)
+        held = os.fstat(f.fileno()).st_size
+    except OSError:
+      return None, 0  # scipy reports it
+  if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
+    return None, held
+  size = int.from_bytes(head[4:8], 'little')
+  return (None if size in (0, 0xFFFFFFFF) else size + 8), held  # 0 / max: written by a streaming writer
 
 
 def wav_to_log_mel(path_or_bytes) -> np.ndarray:
