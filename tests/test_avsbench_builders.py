@@ -7,6 +7,7 @@ release rules; then each bad-input case of the builder READMEs, skipped-and-coun
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -335,6 +336,49 @@ def test_strict_build_stops_at_a_bad_clip(raw, tmp_path):
   frame.unlink()
   with pytest.raises(avsbench.ReleaseError, match=r'2IoF4ClnbPk_1.*2IoF4ClnbPk_1.mp4_4.png.*strict'):
     _build(AvsObject, 'ms3', tmp_path / 'data', raw_dir=root, strict=True)
+
+
+def test_truncated_wav_is_unreadable_audio_and_odd_mask_values_are_noted(raw, tmp_path):
+  """A WAV cut inside its data is skipped as unreadable_audio naming the file (a strict build stops);
+  S4/MS3 mask values other than 0 and 255 (the fixtures' rim of 64) are binarised and noted with the
+  file and the pixel count."""
+  root = Path(shutil.copytree(raw['avs_object'], tmp_path / 'raw'))
+  specs = avsbench.list_s4(root, 'val')
+  _truncate(specs[0].wav)
+  summary = avsbench.BuildSummary('avs_object/s4', 'val')
+  written = [key for key, _ in avsbench.generate_examples(specs, summary)]
+  assert written == [s.clip_id for s in specs[1:]]
+  [error] = summary.to_dict()['skipped_by_reason']['unreadable_audio']['errors']
+  assert specs[0].clip_id in error and str(specs[0].wav) in error and 'truncated WAV file' in error
+  [noted] = summary.to_dict()['notes']['mask_values']['clips']
+  assert re.match(rf'{re.escape(specs[1].clip_id)}: \d+ pixels in 5 mask\(s\) with values other than 0 and 255 '
+                  r'\(e\.g\. \[64\]; binarised as > 0\), first .*_1\.png$', noted), noted
+  assert 'note (mask_values): 1 clips' in summary.report()
+  with pytest.raises(avsbench.ReleaseError, match=r'truncated WAV file.*unreadable_audio; strict build'):
+    list(avsbench.generate_examples(specs, avsbench.BuildSummary('s4', 'val'), strict=True))
+
+
+def test_build_command_refuses_an_existing_dataset_unless_overwrite(built, raw, tmp_path, capsys):
+  """Rerunning a builder into a data dir that holds its dataset version is an error that says so and
+  offers --overwrite; --overwrite rebuilds it."""
+  from tfds_builders.avs_object import __main__ as build_object
+  from tfds_builders.avs_semantic import __main__ as build_semantic
+  data_dir = tmp_path / 'data'
+  shutil.copytree(Path(built['s4'].data_dir).parents[1], data_dir / 'avs_object')
+  args = ['--raw_dir', str(raw['avs_object']), '--data_dir', str(data_dir), '--config', 's4']
+  with pytest.raises(SystemExit) as exit_info:
+    build_object.main(args)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert re.search(r'error: already built: avs_object/s4/1\.1\.0 in \S+avs_object/s4/1\.1\.0\. Pass --overwrite', err), err
+  stamp = (Path(data_dir) / 'avs_object' / 's4' / '1.1.0' / 'dataset_info.json').stat().st_mtime_ns
+  build_object.main(args + ['--overwrite'])
+  assert (Path(data_dir) / 'avs_object' / 's4' / '1.1.0' / 'dataset_info.json').stat().st_mtime_ns != stamp
+  assert 'avs_object/s4:' in capsys.readouterr().out
+  shutil.copytree(Path(built['avss'].data_dir).parents[1], data_dir / 'avs_semantic')
+  with pytest.raises(SystemExit):
+    build_semantic.main(['--raw_dir', str(raw['avs_semantic']), '--data_dir', str(data_dir)])
+  assert 'already built: avs_semantic/all/1' in capsys.readouterr().err
 
 
 def test_fixtures_lay_out_every_listed_file(raw):

@@ -19,7 +19,10 @@ Bad input is handled in one of two ways (each builder's README lists the cases):
 Audio shorter than the clip (fewer examples than frames), silent audio and multichannel audio are
 used (padded / mixed down, as the reference code does) and listed in the summary as notes; so
 is a ``log_mel_source='pkl'`` clip whose wav is missing or unreadable (``no_waveform``: the record
-is written with an empty ``audio``, which only noise-robustness evaluation needs).
+is written with an empty ``audio``, which only noise-robustness evaluation needs), and an S4/MS3
+mask holding values other than 0 and 255 (``mask_values``: binarised as > 0 like the others; the
+note names the file and counts the pixels). A WAV whose header announces more data than the file
+holds is ``unreadable_audio``.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ S4_CATEGORIES = (
 # Summary keys: reasons a clip is skipped, and notes on clips that were written.
 SKIP_REASONS = ('missing_file', 'unreadable_image', 'unreadable_audio', 'audio_too_short',
                 'size_mismatch')
-NOTES = ('short_audio', 'silent_audio', 'multichannel_audio', 'no_waveform')
+NOTES = ('short_audio', 'silent_audio', 'multichannel_audio', 'no_waveform', 'mask_values')
 
 
 class ReleaseError(ValueError):
@@ -325,6 +328,20 @@ def _binary_mask(image: Image.Image) -> np.ndarray:
   return foreground.astype(np.uint8)
 
 
+def _odd_mask_values(image: Image.Image) -> tuple[int, list[int]]:
+  """(number of pixels, up to 5 of their values) of a binary mask whose values are not 0 or 255."""
+  if image.mode == '1':
+    return 0, []
+  values = np.asarray(image.convert('RGB') if image.mode not in ('L', 'I', 'I;16', 'F', 'LA') else image)
+  if image.mode == 'LA':
+    values = values[..., 0]
+  odd = (values != 0) & (values != 255)
+  if values.ndim == 3:
+    odd = odd.any(axis=-1)
+    values = values.max(axis=-1)
+  return int(odd.sum()), [int(v) for v in np.unique(values[odd])[:5]]
+
+
 def _class_id_mask(image: Image.Image, spec: ClipSpec, path: Path) -> np.ndarray:
   """labels_semantic PNG (single channel, or RGB with equal channels) -> uint8 class ids."""
   ids = np.asarray(image)
@@ -399,14 +416,16 @@ def _log_mel(spec: ClipSpec, log_mel_source: str, notes: list[str]) -> tuple[np.
   return audio.pad_examples(examples, spec.num_frames, 'zeros'), waveform
 
 
-def load_clip(spec: ClipSpec, log_mel_source: str = 'wav') -> tuple[dict, list[str]]:
-  """Reads and checks one clip -> (record of ``records.clip_features(spec.num_frames)``, notes).
+def load_clip(spec: ClipSpec, log_mel_source: str = 'wav') -> tuple[dict, list]:
+  """Reads and checks one clip -> (record of ``records.clip_features(spec.num_frames)``, notes: each
+  a note name or a (name, detail) pair).
 
   Frames are stored as released (encoded bytes, fully decoded once here to check them); masks
   are converted to class ids (S4/MS3: > 0 -> 1; AVSS: labels_semantic ids or exact palette match)
   and stored as 8-bit PNGs. Raises BadClip or ReleaseError as the module docstring says.
   """
-  notes: list[str] = []
+  notes: list = []
+  odd_masks: list[tuple[Path, int, list[int]]] = []
   T = spec.num_frames
   frames, semantic = [], []
   gt_valid = np.zeros((T,), bool)
@@ -431,6 +450,9 @@ def load_clip(spec: ClipSpec, log_mel_source: str = 'wav') -> tuple[dict, list[s
                     f'mask is {mask_image.size[0]}x{mask_image.size[1]}, frame is {size[0]}x{size[1]}')
     if kind == 'binary':
       ids = _binary_mask(mask_image)
+      pixels, values = _odd_mask_values(mask_image)
+      if pixels:
+        odd_masks.append((mask_path, pixels, values))
     elif kind == 'class_ids':
       ids = _class_id_mask(mask_image, spec, mask_path)
     else:
@@ -438,6 +460,11 @@ def load_clip(spec: ClipSpec, log_mel_source: str = 'wav') -> tuple[dict, list[s
     semantic.append(records.encode_png(ids))
     gt_valid[t] = True
   pad = T - len(frames)
+  if odd_masks:
+    values = sorted({v for _, _, vs in odd_masks for v in vs})[:5]
+    notes.append(('mask_values', f'{sum(p for _, p, _ in odd_masks)} pixels in {len(odd_masks)} mask(s) with '
+                                 f'values other than 0 and 255 (e.g. {values}; binarised as > 0), first '
+                                 f'{odd_masks[0][0]}'))
   log_mel, waveform = _log_mel(spec, log_mel_source, notes)
   waveform, waveform_length = records.encode_audio(waveform, T)
   example = {
@@ -515,6 +542,14 @@ def generate_examples(specs: list[ClipSpec], summary: BuildSummary, *, strict: b
       summary.skipped[e.reason].append(str(e))
       continue
     for note in notes:
-      summary.notes[note].append(spec.clip_id)
+      note, detail = note if isinstance(note, tuple) else (note, None)
+      summary.notes[note].append(spec.clip_id if detail is None else f'{spec.clip_id}: {detail}')
     summary.written += 1
     yield spec.clip_id, example
+
+
+def already_built_message(builders) -> str:
+  """The error of a build command whose TFDS ``builders`` already hold their dataset version."""
+  listed = '; '.join(f'{b.info.full_name} in {b.data_dir}' for b in builders)
+  return (f'already built: {listed}. Pass --overwrite to rebuild from the release (replaces it), or use '
+          'the existing dataset as it is')

@@ -1,13 +1,17 @@
 """Builds AVS-Object: ``python -m tfds_builders.avs_object --raw_dir RAW --data_dir DATA``.
 
 ``RAW`` holds ``Single-source/`` and/or ``Multi-sources/`` as released; ``--config`` picks s4, ms3
-or both (default). Prints each split's build summary (skipped clips and notes).
+or both (default). Prints each split's build summary (skipped clips and notes). A dataset version that ``DATA`` already holds is an error
+unless ``--overwrite`` is given (then it is rebuilt).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
+import tensorflow_datasets as tfds
+
+from qdformer_jax.data import avsbench
 from tfds_builders.avs_object.avs_object_dataset_builder import AvsObject
 
 
@@ -21,14 +25,25 @@ def main(argv=None) -> None:
   parser.add_argument('--strict', action='store_true',
                       help='stop at the first unusable clip instead of skipping and counting it')
   parser.add_argument('--file_format', default='array_record')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='rebuild a dataset version that --data_dir already holds (replaces it)')
   args = parser.parse_args(argv)
-  for config in (('s4', 'ms3') if args.config == 'all' else (args.config,)):
-    builder = AvsObject(config=config, data_dir=args.data_dir, file_format=args.file_format,
-                        raw_dir=args.raw_dir, log_mel_source=args.log_mel_source,
-                        strict=args.strict)
-    builder.download_and_prepare()
-    print(f'avs_object/{config}:', json.dumps(builder.info.metadata.get('build_summary', {}),
-                                              indent=2))
+  builders = [AvsObject(config=config, data_dir=args.data_dir, file_format=args.file_format,
+                        raw_dir=args.raw_dir, log_mel_source=args.log_mel_source, strict=args.strict)
+              for config in (('s4', 'ms3') if args.config == 'all' else (args.config,))]
+  existing = [b for b in builders if b.is_prepared()]
+  if existing and not args.overwrite:
+    parser.exit(2, f'error: {avsbench.already_built_message(existing)}\n')
+  for builder in builders:
+    builder.download_and_prepare(download_config=_download_config(args.overwrite))
+    print(f'avs_object/{builder.builder_config.name}:',
+          json.dumps(builder.info.metadata.get('build_summary', {}), indent=2))
+
+
+def _download_config(overwrite: bool) -> tfds.download.DownloadConfig:
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  return tfds.download.DownloadConfig(download_mode=mode)
 
 
 if __name__ == '__main__':

@@ -2,13 +2,17 @@
 
 ``RAW`` holds ``metadata.csv``, ``label2idx.json`` and ``v1s/ v1m/ v2/`` as released;
 ``--config`` picks all (the AVSS benchmark, default), v1s, v1m or v2. Prints each split's build
-summary (skipped clips and notes).
+summary (skipped clips and notes). A dataset version that ``DATA`` already holds is an error
+unless ``--overwrite`` is given (then it is rebuilt).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
+import tensorflow_datasets as tfds
+
+from qdformer_jax.data import avsbench
 from tfds_builders.avs_semantic.avs_semantic_dataset_builder import AvsSemantic
 
 
@@ -22,12 +26,22 @@ def main(argv=None) -> None:
   parser.add_argument('--strict', action='store_true',
                       help='stop at the first unusable clip instead of skipping and counting it')
   parser.add_argument('--file_format', default='array_record')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='rebuild a dataset version that --data_dir already holds (replaces it)')
   args = parser.parse_args(argv)
   builder = AvsSemantic(config=args.config, data_dir=args.data_dir, file_format=args.file_format,
                         raw_dir=args.raw_dir, label_source=args.label_source, strict=args.strict)
-  builder.download_and_prepare()
+  if builder.is_prepared() and not args.overwrite:
+    parser.exit(2, f'error: {avsbench.already_built_message([builder])}\n')
+  builder.download_and_prepare(download_config=_download_config(args.overwrite))
   print(f'avs_semantic/{args.config}:', json.dumps(builder.info.metadata.get('build_summary', {}),
                                                    indent=2))
+
+
+def _download_config(overwrite: bool) -> tfds.download.DownloadConfig:
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  return tfds.download.DownloadConfig(download_mode=mode)
 
 
 if __name__ == '__main__':
