@@ -376,6 +376,12 @@ class Predictor:
     or None), and ``raw`` on request.
     """
     model_frames, log_mel, valid = self.preprocess(frames, audio, sample_rate=sample_rate, frame_valid=frame_valid)
+    bad = ~np.isfinite(log_mel).all(axis=(2, 3))  # [B, T]: a frame's audio example holds NaN or inf
+    if bad.any():
+      clip = int(np.flatnonzero(bad.any(axis=1))[0])
+      where = f'audio[{clip}]' if log_mel.shape[0] > 1 else 'audio'
+      raise ValueError(f'{where} holds non-finite values (NaN or inf) in {int(bad[clip].sum())} of {bad.shape[1]} '
+                       'frames; the model cannot segment with it: replace them (e.g. np.nan_to_num) or pass clean audio')
     height, width = np.shape(frames)[-3:-1] if output_size is None else output_size
     if int(height) < 1 or int(width) < 1:
       raise ValueError(f'output_size must be (height, width) of positive ints, got {output_size}')
