@@ -233,3 +233,14 @@ def test_threshold_picked_on_val_is_applied_to_test_and_reported(setup, tmp_path
   assert report['metrics']['threshold'] == picked
   assert report['metrics']['threshold_source'].startswith('picked on val (step 7) by mIoU')
   assert not (tmp_path / 'reports' / 'eval_val_7.json').exists()  # val only served to pick it
+
+
+def test_shuffled_audio_evaluation_changes_what_the_model_hears(setup):
+  """The audio-use check feeds each clip another clip's audio: a model whose output depends on the
+  audio (random weights do) scores differently; the frames, masks and threshold are the same."""
+  config, mesh, evaluator, state = setup
+  plain = evaluator.run(state, 'val', threshold=0.3)
+  shuffled = evaluator.run(state, 'val', threshold=0.3, shuffle_audio=True)
+  assert shuffled['shuffle_audio'] and not plain['shuffle_audio']
+  scores = lambda r: [r['threshold_sweep'][t]['mIoU'] for t in sorted(r['threshold_sweep'])]  # noqa: E731
+  assert scores(plain) != scores(shuffled)
