@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from qdformer_jax.models.attention import FeedForward, MultiHeadAttention, layer_norm, linear, with_pos
+from qdformer_jax.models.layers import check_remat, remat
 from qdformer_jax.models.position import sine_position_embedding
 
 SpatialShapes = Sequence[tuple[int, int]]
@@ -102,18 +103,33 @@ def ms_deform_attn_core(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   return out.reshape(b, q, m * dh)
 
 
-@jax.checkpoint
+SAMPLES_PER_CHUNK = 8  # samples (2 points x 4 corners) gathered at once by _gather_weighted_sum
+
+
 def _gather_weighted_sum(values: jnp.ndarray, index: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
   """`out[n, q] = sum_k weight[n, q, k] * values[n, index[n, q, k]]` for values `[N,S,Dh]`, index
-  and weight `[N,Q,K]`; returns `[N,Q,Dh]` in the dtype of `values`.
+  and weight `[N,Q,K]`; returns `[N,Q,Dh]` in the dtype of `values` (accumulated in float32).
 
-  Written as a gather, a product and a reduction (not a dot) so that XLA can fuse them without
-  storing the `[N,Q,K,Dh]` samples, and rematerialised in the backward pass (`jax.checkpoint`) so
-  that autodiff keeps only the inputs, not the samples, for the gradient.
+  The K samples are gathered SAMPLES_PER_CHUNK at a time in a `lax.scan` whose body is
+  rematerialised (`jax.checkpoint`), so neither the forward nor the backward pass ever holds the
+  `[N,Q,K,Dh]` samples: XLA does not fuse a gather into its consumer's reduction, and gathering all
+  K at once stored them (at the paper's size, 4 encoder layers at B=4, T=10: 2.7 GB per array, several
+  alive at once, which was most of the train step's memory). Chunked, the step's memory at that size
+  fell ~8x for this op and it ran ~3x faster on CPU (benchmarks/memory.py, benchmarks/stages.py).
   """
-  gathered = jax.vmap(lambda v, i: v.at[i].get(mode="promise_in_bounds"))(values, index)
-  prod = gathered.astype(jnp.float32) * weight[..., None]
-  return jnp.sum(prod, axis=2).astype(values.dtype)
+  n, q, k = index.shape
+  chunk = SAMPLES_PER_CHUNK if k % SAMPLES_PER_CHUNK == 0 else (4 if k % 4 == 0 else 1)
+  index = jnp.moveaxis(index.reshape(n, q, k // chunk, chunk), 2, 0)     # [K/c, N, Q, c]
+  weight = jnp.moveaxis(weight.reshape(n, q, k // chunk, chunk), 2, 0)
+
+  @jax.checkpoint
+  def body(acc, chunk_inputs):
+    idx, w = chunk_inputs
+    gathered = jax.vmap(lambda v, i: v.at[i].get(mode="promise_in_bounds"))(values, idx)  # [N,Q,c,Dh]
+    return acc + jnp.sum(gathered.astype(jnp.float32) * w[..., None], axis=2), None
+
+  out, _ = jax.lax.scan(body, jnp.zeros((n, q, values.shape[-1]), jnp.float32), (index, weight))
+  return out.astype(values.dtype)
 
 
 def _grid_offset_bias(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
@@ -229,12 +245,14 @@ class DeformableEncoder(nnx.Module):
   Adds the sine position embedding of each map (DETR normalisation) plus a learnable per-level
   embedding (normal init, std 1), flattens all levels, runs `num_layers` deformable self-attention
   layers with pixel-centre reference points on every level, and splits the result back into maps.
+  `remat` (a `layers.REMAT_POLICIES` key) rematerialises each layer in the backward pass.
   """
 
   def __init__(self, num_layers: int = 4, d_model: int = 256, n_heads: int = 8, n_points: int = 4,
                n_levels: int = 4, ffn_dim: int = 2048, dropout: float = 0.1, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               dtype=jnp.float32, remat: str = 'none'):
     self.d_model, self.n_levels, self.dtype = d_model, n_levels, dtype
+    self.remat = check_remat(remat)
     self.level_embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (n_levels, d_model),
                                                               jnp.float32))
     self.layers = nnx.List([
@@ -258,8 +276,11 @@ class DeformableEncoder(nnx.Module):
     pos = jnp.broadcast_to(pos[None], flat.shape)
     ref = encoder_reference_points(shapes)
     ref = jnp.broadcast_to(ref[None, :, None, :], (b, ref.shape[0], self.n_levels, 2))
+    def run_layer(layer, flat, pos, ref):
+      return layer(flat, pos, ref, shapes, deterministic=deterministic)
+
     for layer in self.layers:
-      flat = layer(flat, pos, ref, shapes, deterministic=deterministic)
+      flat = remat(run_layer, self.remat)(layer, flat, pos, ref)
     outs, start = [], 0
     for h, w in shapes:
       outs.append(flat[:, start:start + h * w].reshape(b, h, w, self.d_model))
