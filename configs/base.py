@@ -29,6 +29,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = 'float32'        # compute dtype; parameters stay float32
+  # Rematerialisation (jax.checkpoint) of backbone blocks, encoder and decoder layers in the backward
+  # pass: 'none' | 'blocks' (keep block inputs only) | 'dots_saveable' (also keep matmul/conv outputs)
+  # | 'dots_no_batch'. Same values, less memory, more compute (benchmarks/memory.py measures both).
+  c.model.remat = 'none'
   c.model.backbone = ml_collections.ConfigDict(dict(
       name='resnet50', width=64, frozen_stages=1, dtype='float32',
       pretrained=ml_collections.config_dict.placeholder(str)))

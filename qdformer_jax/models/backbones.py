@@ -38,8 +38,9 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
   return default if value is None else value
 
 
-def build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
-  """The visual backbone `config.name` describes (see module docstring for the fields)."""
+def build_backbone(config: Any, rngs: nnx.Rngs, *, remat: str = 'none') -> nnx.Module:
+  """The visual backbone `config.name` describes (see module docstring for the fields); `remat` (a
+  `layers.REMAT_POLICIES` key, the model's `model.remat`) rematerialises each block in the backward pass."""
   name = _field(config, 'name')
   if name not in BACKBONE_NAMES:
     raise ValueError(f'backbone name must be one of {list(BACKBONE_NAMES)}, got {name!r} '
@@ -48,7 +49,7 @@ def build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
   frozen_stages = int(_field(config, 'frozen_stages', 1))
   if name in RESNET_NAMES:
     return ResNet(RESNET_NAMES[name], width=int(_field(config, 'width', 64)),
-                  frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+                  frozen_stages=frozen_stages, dtype=dtype, remat=remat, rngs=rngs)
   from qdformer_jax.models.swin import SWIN_SPECS, SwinTransformer
   spec = dict(SWIN_SPECS[name])
   for key in ('embed_dim', 'depths', 'num_heads', 'window_size'):
@@ -56,7 +57,7 @@ def build_backbone(config: Any, rngs: nnx.Rngs) -> nnx.Module:
     if value is not None:
       spec[key] = tuple(value) if key in ('depths', 'num_heads') else int(value)
   return SwinTransformer(**spec, drop_path_rate=float(_field(config, 'drop_path_rate', 0.0)),
-                         frozen_stages=frozen_stages, dtype=dtype, rngs=rngs)
+                         frozen_stages=frozen_stages, dtype=dtype, remat=remat, rngs=rngs)
 
 
 def frozen_param_filter(backbone: nnx.Module, prefix: tuple = ()) -> Callable[[tuple, Any], bool]:

@@ -22,6 +22,38 @@ from flax import nnx
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
+# model.remat -> the jax.checkpoint policy of each rematerialised block (backbone blocks, encoder and
+# decoder layers): 'none' keeps every activation for the backward pass; 'blocks' keeps only each
+# block's inputs and recomputes the block in the backward pass (least memory, one more forward);
+# 'dots_saveable' also keeps the outputs of its matmuls and convolutions and recomputes only the
+# cheap elementwise ops between them (norms, activations, residual adds); 'dots_no_batch' keeps only
+# the matmuls without batch dimensions (the linear layers, not the attention einsums or convolutions).
+REMAT_POLICIES = {
+    'none': None,
+    'blocks': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(policy: str, field: str = 'model.remat') -> str:
+  """``policy`` if it names a REMAT_POLICIES entry, else a ValueError naming the config ``field``."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'{field} must be one of {list(REMAT_POLICIES)}, got {policy!r}.')
+  return policy
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+  """``fn(module, *arrays)`` rematerialised in the backward pass with ``policy`` (a REMAT_POLICIES key).
+
+  The values are those of ``fn``: rematerialisation recomputes the same operations on the same
+  inputs (dropout draws included, their keys are inputs), it only trades memory for compute. Python
+  values the block needs (shapes, flags) must be closed over by ``fn``, not passed as arguments.
+  """
+  if check_remat(policy) == 'none':
+    return fn
+  return nnx.remat(fn, policy=REMAT_POLICIES[policy], prevent_cse=True)
+
 
 def resolve_dtype(dtype: Any, field: str = 'dtype') -> Any:
   """'float32' | 'bfloat16' | 'float16' | a jnp dtype -> the jnp dtype; an unknown name raises,

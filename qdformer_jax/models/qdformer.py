@@ -28,7 +28,7 @@ from qdformer_jax.models.attention import FeedForward, MultiHeadAttention, Trans
 from qdformer_jax.models.audio import build_audio_encoder
 from qdformer_jax.models.backbones import build_backbone
 from qdformer_jax.models.deformable import DeformableDecoderLayer, DeformableEncoder, sine_position_embedding
-from qdformer_jax.models.layers import resolve_dtype
+from qdformer_jax.models.layers import REMAT_POLICIES, check_remat, remat, resolve_dtype
 from qdformer_jax.models.quantizer import VectorQuantizer, codebook_usage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,7 +141,9 @@ class QDFormer(nnx.Module):
     self.config = cfg
     self.dtype = dtype
     self.num_classes = num_classes
-    self.backbone = build_backbone(cfg.backbone, rngs)
+    # Rematerialised in the backward pass: backbone blocks, encoder layers, decoder layers + masks.
+    self.remat = check_remat(cfg.get('remat', 'none'))
+    self.backbone = build_backbone(cfg.backbone, rngs, remat=self.remat)
     chans = self.backbone.out_channels
     self.num_levels = cfg.num_feature_levels
     projections = [modules.ConvGN(c, d, 1, dtype=dtype, rngs=rngs) for c in chans[1:]]
@@ -150,7 +152,7 @@ class QDFormer(nnx.Module):
     self.input_proj = nnx.List(projections)
     enc = cfg.encoder
     self.encoder = DeformableEncoder(enc.layers, d, enc.heads, enc.points, self.num_levels, enc.ffn_dim,
-                                     enc.dropout, rngs=rngs, dtype=dtype)
+                                     enc.dropout, rngs=rngs, dtype=dtype, remat=self.remat)
     self.audio_encoder = build_audio_encoder(cfg.audio, dtype=dtype, rngs=rngs)
     self.audio_proj = nnx.Linear(128, d, dtype=dtype, rngs=rngs)
     self.fusion = GlobalFusion(d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype, rngs=rngs)
@@ -188,21 +190,29 @@ class QDFormer(nnx.Module):
         modules.MLP(d, d, 4, 2, dtype=dtype, rngs=rngs, last_init=nnx.initializers.zeros)
         for _ in range(cfg.dec_layers - 1 if self.box_refine else 0)])
 
-  # -- stages -------------------------------------------------------------------------------------
+  # -- stages ----------------------------------------------------------------------------------------
+  # ``__call__`` runs these in order; benchmarks/stages.py times and counts each one on its own.
 
-  def encode_visual(self, frames, *, train: bool):
+  def backbone_features(self, frames):
+    """frames uint8 [B,T,H,W,3] -> [C2, C3, C4, C5] of the B·T frames (ImageNet-normalised on the device)."""
     b, t, h, w, _ = frames.shape
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
     x = ((frames.astype(jnp.float32) - mean) / std).astype(self.dtype).reshape(b * t, h, w, 3)
-    feats = self.backbone(x)
+    return self.backbone(x)
+
+  def encode_features(self, feats, *, train: bool):
+    """Input projections (+ the extra stride-64 level) and the deformable encoder -> F_v (L levels)."""
     srcs = [proj(f) for proj, f in zip(self.input_proj[:3], feats[1:])]
     extra = feats[-1]
     for proj in self.input_proj[3:]:
       extra = proj(extra)
       srcs.append(extra)
-    memory = self.encoder(srcs, deterministic=not train)
-    return feats[0], memory
+    return self.encoder(srcs, deterministic=not train)
+
+  def encode_visual(self, frames, *, train: bool):
+    feats = self.backbone_features(frames)
+    return feats[0], self.encode_features(feats, train=train)
 
   def encode_audio(self, log_mel):
     b, t = log_mel.shape[:2]
@@ -211,60 +221,76 @@ class QDFormer(nnx.Module):
       emb = jax.lax.stop_gradient(emb)
     return self.audio_proj(emb).reshape(b, t, -1)
 
+  def decompose(self, memory_coarse, audio, frame_valid, *, train: bool):
+    """Global fusion (Eq. 3), global ASD (Eq. 4), the codebook, the AVSR weights and the local tokens
+    (Eq. 6). memory_coarse: the stride-32 level [B·T,h,w,d]; audio F_a [B,T,d].
+
+    Returns (AVSR weight tokens [B,N,d] or None, decoder queries [B,T,N,d], vq dict or None).
+    """
+    cfg = self.config
+    b, t, d = audio.shape
+    n = cfg.num_queries
+    audio_pos = modules.sine_embedding_1d(t, d).astype(self.dtype)[None]
+    prototypes = jnp.broadcast_to(self.prototypes[...].astype(self.dtype), (b, n, d))
+    if not cfg.decomposition:
+      # Table 2 baseline: no decomposition; the queries are the prototypes conditioned on the frame's audio.
+      return None, prototypes[:, None] + self.baseline_audio_query(audio)[:, :, None, :], None
+    vq = None
+    # Eq. 3: global fusion with the stride-32 level of all T frames.
+    level = memory_coarse
+    lh, lw = level.shape[1:3]
+    visual = level.reshape(b, t * lh * lw, d)
+    visual_pos = jnp.broadcast_to(sine_position_embedding(lh, lw, d).astype(self.dtype)[None, None],
+                                  (b, t, lh, lw, d)).reshape(b, t * lh * lw, d)
+    visual_mask = jnp.repeat(frame_valid, lh * lw, axis=1)
+    fused = self.fusion(audio, audio_pos, visual, visual_pos, visual_mask, train=train)
+    # Eq. 4: global semantic tokens, quantized with the shared codebook.
+    g = self.global_asd(prototypes, fused, audio_pos, frame_valid, train=train)
+    if cfg.quantize:
+      gq = self.quantizer(g)
+      g, e = gq['tokens'], gq['quantized']
+    else:
+      e = g
+    w_tokens = None
+    if cfg.avsr:
+      w_tokens = self.avsr_weights(e if cfg.avsr_input == 'quantized' else g)
+    # Eq. 6: local tokens per frame from the frame's audio feature, committed to the frozen codebook.
+    if cfg.local_calibration:
+      frame_audio = audio.reshape(b * t, 1, d)
+      local = self.local_asd(jnp.repeat(prototypes, t, axis=0), frame_audio, None, None, train=train)
+      local = local.reshape(b, t, n, d)
+      if cfg.quantize:
+        lq = self.quantizer(local, update_codebook=False)
+        local, queries = lq['tokens'], lq['quantized']
+      else:
+        queries = local
+    else:
+      queries = jnp.broadcast_to(e[:, None], (b, t, n, d))
+    if cfg.quantize:
+      vq = {'global_tokens': g, 'global_codes': gq['codes'], 'global_indices': gq['indices'],
+            'local_valid': frame_valid}
+      if cfg.local_calibration:
+        vq.update(local_tokens=local, local_codes=lq['codes'], local_indices=lq['indices'])
+    return w_tokens, queries, vq
+
+  def recombine(self, memory, w_tokens, *, train: bool):
+    """Eq. 5, AVSR at every encoder level (memory unchanged when ``w_tokens`` is None)."""
+    if w_tokens is None:
+      return memory
+    b = w_tokens.shape[0]
+    return [avsr(m.reshape(b, m.shape[0] // b, *m.shape[1:]), w_tokens, train=train).reshape(m.shape)
+            for avsr, m in zip(self.avsr, memory)]
+
   def __call__(self, frames, log_mel, frame_valid=None, *, train: bool = False):
     cfg = self.config
-    b, t, h, w, _ = frames.shape
+    b, t = frames.shape[:2]
     n, d = cfg.num_queries, cfg.hidden_dim
     if frame_valid is None:
       frame_valid = jnp.ones((b, t), bool)
     c2, memory = self.encode_visual(frames, train=train)
     audio = self.encode_audio(log_mel)                                   # F_a [B,T,d]
-    audio_pos = modules.sine_embedding_1d(t, d).astype(self.dtype)[None]
-    prototypes = jnp.broadcast_to(self.prototypes[...].astype(self.dtype), (b, n, d))
-
-    vq = None
-    if cfg.decomposition:
-      # Eq. 3: global fusion with the stride-32 level of all T frames.
-      level = memory[2]
-      lh, lw = level.shape[1:3]
-      visual = level.reshape(b, t * lh * lw, d)
-      visual_pos = jnp.broadcast_to(sine_position_embedding(lh, lw, d).astype(self.dtype)[None, None],
-                                    (b, t, lh, lw, d)).reshape(b, t * lh * lw, d)
-      visual_mask = jnp.repeat(frame_valid, lh * lw, axis=1)
-      fused = self.fusion(audio, audio_pos, visual, visual_pos, visual_mask, train=train)
-      # Eq. 4: global semantic tokens, quantized with the shared codebook.
-      g = self.global_asd(prototypes, fused, audio_pos, frame_valid, train=train)
-      if cfg.quantize:
-        gq = self.quantizer(g)
-        g, e = gq['tokens'], gq['quantized']
-      else:
-        e = g
-      # Eq. 5: AVSR at every encoder level.
-      if cfg.avsr:
-        w_tokens = self.avsr_weights(e if cfg.avsr_input == 'quantized' else g)
-        memory = [avsr(m.reshape(b, t, *m.shape[1:]), w_tokens, train=train).reshape(m.shape)
-                  for avsr, m in zip(self.avsr, memory)]
-      # Eq. 6: local tokens per frame from the frame's audio feature, committed to the frozen codebook.
-      if cfg.local_calibration:
-        frame_audio = audio.reshape(b * t, 1, d)
-        local = self.local_asd(jnp.repeat(prototypes, t, axis=0), frame_audio, None, None, train=train)
-        local = local.reshape(b, t, n, d)
-        if cfg.quantize:
-          lq = self.quantizer(local, update_codebook=False)
-          local, queries = lq['tokens'], lq['quantized']
-        else:
-          queries = local
-      else:
-        queries = jnp.broadcast_to(e[:, None], (b, t, n, d))
-      if cfg.quantize:
-        vq = {'global_tokens': g, 'global_codes': gq['codes'], 'global_indices': gq['indices'],
-              'local_valid': frame_valid}
-        if cfg.local_calibration:
-          vq.update(local_tokens=local, local_codes=lq['codes'], local_indices=lq['indices'])
-    else:
-      # Table 2 baseline: no decomposition; the queries are the prototypes conditioned on the frame's audio.
-      queries = prototypes[:, None] + self.baseline_audio_query(audio)[:, :, None, :]
-
+    w_tokens, queries, vq = self.decompose(memory[2], audio, frame_valid, train=train)
+    memory = self.recombine(memory, w_tokens, train=train)
     mask_features = self.fpn(memory[:3], c2)                             # [BT,H/4,W/4,mask_dim]
     outputs = self.decode(queries.reshape(b * t, n, d), memory, mask_features, train=train)
     outputs = jax.tree.map(lambda x: x.reshape(b, t, *x.shape[1:]).astype(jnp.float32), outputs)
@@ -309,10 +335,17 @@ class QDFormer(nnx.Module):
     reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))   # [M,N,2]
     tgt = queries
     outputs = []
+
+    def run_layer(layer, tgt, query_pos, reference_levels, flat):
+      return layer(tgt, query_pos, reference_levels, flat, shapes, deterministic=not train)
+
+    masks_of = dynamic_mask
+    if self.remat != 'none':
+      masks_of = jax.checkpoint(dynamic_mask, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
     for index, layer in enumerate(self.decoder):
       # [M,N,L,2] points, or [M,N,L,4] boxes once a refining layer has predicted one.
       reference_levels = jnp.broadcast_to(reference[:, :, None, :], (m, n, len(shapes), reference.shape[-1]))
-      tgt = layer(tgt, query_pos, reference_levels, flat, shapes, deterministic=not train)
+      tgt = remat(run_layer, self.remat)(layer, tgt, query_pos, reference_levels, flat)
       hs = self.decoder_norm(tgt)
       logits = self.class_head(hs).astype(jnp.float32)
       box_head = self.refine_box_heads[index - 1] if self.box_refine and index else self.box_head
@@ -324,7 +357,7 @@ class QDFormer(nnx.Module):
       if self.box_refine:
         reference = jax.lax.stop_gradient(box)
       filters = self.filter_head(hs).astype(jnp.float32)
-      masks = dynamic_mask(mask_features.astype(jnp.float32), filters, box[..., :2], self.config.dynamic_channels)
+      masks = masks_of(mask_features.astype(jnp.float32), filters, box[..., :2], self.config.dynamic_channels)
       outputs.append({'pred_logits': logits, 'pred_boxes': box, 'pred_masks': masks})
     return outputs
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qdformer_jax.models.layers import FrozenBatchNorm, conv, max_pool, path_prefix_filter
+from qdformer_jax.models.layers import FrozenBatchNorm, check_remat, conv, max_pool, path_prefix_filter, remat
 
 # depth -> (block kind, blocks per stage)
 RESNET_SPECS = {
@@ -85,6 +85,10 @@ def _downsample(in_ch: int, out_ch: int, stride: int, dtype: Any, rngs: nnx.Rngs
                    FrozenBatchNorm(out_ch, dtype=dtype)])
 
 
+def _call_block(block, x):
+  return block(x)
+
+
 def _shortcut(downsample, x: jax.Array) -> jax.Array:
   if downsample is None:
     return x
@@ -96,11 +100,12 @@ class ResNet(nnx.Module):
 
   C2..C5 have strides 4, 8, 16, 32 and `self.out_channels` channels. `width` is the base width
   (64 for the standard nets; stage widths width*(1,2,4,8), times 4 for bottlenecks) so tiny models
-  can be built for tests. Parameters are float32; `dtype` is the compute dtype.
+  can be built for tests. Parameters are float32; `dtype` is the compute dtype. `remat` (a
+  `layers.REMAT_POLICIES` key) rematerialises each residual block in the backward pass.
   """
 
   def __init__(self, depth: int, *, width: int = 64, frozen_stages: int = 1,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, remat: str = 'none', rngs: nnx.Rngs):
     if depth not in RESNET_SPECS:
       raise ValueError(f'ResNet depth must be one of {sorted(RESNET_SPECS)}, got depth={depth}.')
     if not -1 <= frozen_stages <= 4:
@@ -115,6 +120,7 @@ class ResNet(nnx.Module):
     self.width = width
     self.frozen_stages = frozen_stages
     self.dtype = dtype
+    self.remat = check_remat(remat)
     self.conv1 = conv(3, width, 7, 2, dtype=dtype, rngs=rngs)
     self.bn1 = FrozenBatchNorm(width, dtype=dtype)
     in_ch = width
@@ -139,8 +145,10 @@ class ResNet(nnx.Module):
       x = jax.lax.stop_gradient(x)
     features = []
     for stage in range(1, 5):
+      # A frozen stage has no backward pass: nothing to rematerialise.
+      policy = 'none' if stage <= self.frozen_stages else self.remat
       for block in getattr(self, f'layer{stage}'):
-        x = block(x)
+        x = remat(_call_block, policy)(block, x)
       if stage <= self.frozen_stages:
         x = jax.lax.stop_gradient(x)
       features.append(x)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qdformer_jax.models.layers import path_prefix_filter
+from qdformer_jax.models.layers import check_remat, path_prefix_filter, remat
 
 SWIN_SPECS = {
     'swin_t': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
@@ -217,6 +217,10 @@ class SwinStage(nnx.Module):
     self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
 
 
+def _call_block(block, x):
+  return block(x)
+
+
 class SwinTransformer(nnx.Module):
   """Swin trunk: `__call__(x [B,H,W,3] float, ImageNet-normalised) -> [C2, C3, C4, C5]` NHWC.
 
@@ -230,7 +234,7 @@ class SwinTransformer(nnx.Module):
   def __init__(self, *, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, patch_size: int = 4,
                drop_path_rate: float = 0.0, frozen_stages: int = -1, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = 'none', rngs: nnx.Rngs):
     depths, num_heads = tuple(depths), tuple(num_heads)
     if len(depths) != 4 or len(num_heads) != 4:
       raise ValueError(f'Swin needs 4 stages: got depths={depths}, num_heads={num_heads}.')
@@ -245,6 +249,7 @@ class SwinTransformer(nnx.Module):
     self.window_size = window_size
     self.frozen_stages = frozen_stages
     self.dtype = dtype
+    self.remat = check_remat(remat)  # per Swin block, as ResNet's per residual block
     self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
     total = sum(depths)
     ramp = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -269,7 +274,7 @@ class SwinTransformer(nnx.Module):
     for i, stage in enumerate(self.layers):
       frozen = i < self.frozen_stages
       for block in stage.blocks:
-        x = block(x)
+        x = remat(_call_block, 'none' if frozen else self.remat)(block, x)
       if frozen:
         x = jax.lax.stop_gradient(x)
       features.append(getattr(self, f'norm{i}')(x))
