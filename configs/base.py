@@ -94,6 +94,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # eval_every, -1 = eval mode only). Checkpoints are ranked on `best_metric` of entry `best_eval`.
   c.evals = ml_collections.ConfigDict({'val': {'kind': 'segmentation', 'split': '', 'every': 0}})
   c.best_eval = 'val'
+  # A non-finite loss, gradient norm or updated parameter is never applied nor saved. 'error': the
+  # run stops at the next log/eval/checkpoint boundary naming the step and the non-finite terms (the
+  # last good checkpoint stays the latest); 'skip': such updates are skipped on the device, counted
+  # and logged, and the run stops after nonfinite_max_consecutive of them in a row.
+  c.nonfinite = 'error'
+  c.nonfinite_max_consecutive = 10
+  # FOR TESTS ONLY: k > 0 feeds train step k (1-based) NaN audio, so its loss and gradients are NaN;
+  # 0 = off.
+  c.debug_nan_step = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = ml_collections.config_dict.placeholder(str)  # None: data.eval_split

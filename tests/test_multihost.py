@@ -41,7 +41,7 @@ PEER_GRACE_S = 30     # once one worker failed, the other gets this long before 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
 EVAL_CLIPS = 10       # with eval batch 8: 2 eval batches, 6 padding clips
-GLOO_UNAVAILABLE = 'gloo_unavailable'
+GLOO_UNAVAILABLE = worker_processes.GLOO_UNAVAILABLE
 
 
 # -- shared by the parent and the workers --------------------------------------------------------
@@ -113,16 +113,7 @@ def run_processes(tmp: str, **kwargs) -> tuple[list[dict], float]:
   finally:
     for p in procs:
       worker_processes.kill(p)
-  results = []
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    if os.path.exists(out):
-      with open(out) as f:
-        results.append(json.load(f))
-    if p.returncode != 0 or not os.path.exists(out):
-      if results and results[-1].get(GLOO_UNAVAILABLE):
-        continue
-      pytest.fail(f'process {i} exited with {p.returncode}; logs:\n' +
-                  '\n'.join(f'--- process {j}\n{worker_processes.tail(l)}' for j, l in enumerate(logs)))
+  results = worker_processes.worker_results(procs, outs, logs)
   return results, time.time() - t0
 
 
@@ -305,8 +296,6 @@ def test_two_processes_on_loopback(data_dir, tmp_path):
   from qdformer_jax.data import pipeline
   workdir = str(tmp_path / 'run')
   results, seconds = run_processes(str(tmp_path), data_dir=data_dir, workdir=workdir)
-  if any(r.get(GLOO_UNAVAILABLE) for r in results):
-    pytest.skip(f'this jaxlib has no gloo CPU collectives: {results[0].get(GLOO_UNAVAILABLE)}')
   print(f'two processes: {seconds:.0f} s;', [r['seconds'] for r in results])
   config = tiny_config(data_dir)
   for i, r in enumerate(results):

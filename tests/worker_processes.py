@@ -38,6 +38,29 @@ def kill(proc: subprocess.Popen) -> None:
   proc.wait()
 
 
+GLOO_UNAVAILABLE = 'gloo_unavailable'  # the key a worker writes when this jaxlib has no CPU collectives
+
+
+def worker_results(procs, outs, logs, ok_codes=(0,)) -> list[dict]:
+  """The JSON each worker wrote to ``outs``; skips the test when a worker reported GLOO_UNAVAILABLE;
+  a pytest failure with every worker's log when one exited with a code outside ``ok_codes`` or wrote
+  nothing."""
+  import json
+
+  import pytest
+  results = []
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    if os.path.exists(out):
+      with open(out) as f:
+        results.append(json.load(f))
+      if results[-1].get(GLOO_UNAVAILABLE):
+        pytest.skip(f'this jaxlib has no gloo CPU collectives: {results[-1][GLOO_UNAVAILABLE]}')
+    if p.returncode not in ok_codes or not os.path.exists(out):
+      pytest.fail(f'process {i} exited with {p.returncode}; logs:\n' +
+                  '\n'.join(f'--- process {j}\n{tail(log)}' for j, log in enumerate(logs)))
+  return results
+
+
 def tail(path: str, n: int = 60) -> str:
   """The last ``n`` lines of a worker's log, for the failure message."""
   with open(path, errors='replace') as f:

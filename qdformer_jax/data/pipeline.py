@@ -8,7 +8,11 @@ therefore the ones a single process would yield, whatever the process count (sam
 order, same augmentation), and the official per-batch metrics group the same clips.
 
 Train iterators shuffle (differently every epoch), repeat forever and are checkpointable
-(``get_state``/``set_state``; saved by Orbax through ``grain.checkpoint``). Eval iterators run one
+(``get_state``/``set_state``; saved by Orbax through ``grain.checkpoint``). Their position is also
+one number independent of the process count: the index of the next global batch (global batch k
+holds the examples [k * global_batch, (k + 1) * global_batch) of the shuffled, repeated sequence).
+``make_train_iterator(..., start_batch=k)`` starts every process at global batch k, so a run
+checkpointed with P processes resumes with any other count at the same example. Eval iterators run one
 pass and pad the last batch with copies marked ``clip_valid = False`` so shapes stay static and every
 clip counts exactly once.
 
@@ -120,8 +124,9 @@ def _read_options(data_config):
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, split: str | None = None):
-  """Infinite, shuffled, checkpointable iterator of per-process batches."""
+                        process_count: int = 1, split: str | None = None, start_batch: int = 0):
+  """Infinite, shuffled, checkpointable iterator of per-process batches, starting at global batch
+  ``start_batch`` (its first batch is this process's block of that global batch)."""
   if global_batch_size % process_count:
     raise ValueError(f'batch_size {global_batch_size} does not divide over {process_count} processes')
   source = registry.open_source(data_config, split or data_config.train_split)
@@ -129,7 +134,11 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, proce
   ds = ds.random_map(_DecodeTrain(data_config))  # lazy: a process decodes only the clips it takes
   # Global batch k is per-process batch k * process_count + p of every process p, in process order.
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)[process_index::process_count]
-  return iter(ds.to_iter_dataset(_read_options(data_config)))
+  it = iter(ds.to_iter_dataset(_read_options(data_config)))
+  if start_batch:
+    # Element k of this process's dataset is its block of global batch k, whatever the process count.
+    grain.experimental.set_next_index(it, int(start_batch))
+  return it
 
 
 def make_eval_iterator(data_config, split: str, *, global_batch_size: int, process_index: int = 0,

@@ -11,12 +11,16 @@ and the step's metrics accumulate on the device between log lines.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -28,7 +32,13 @@ from qdformer_jax.evaluation.evaluator import Evaluator, check_eval_batch
 from qdformer_jax.losses.criterion import compute_loss
 from qdformer_jax.models import build_model
 from qdformer_jax.training import optim
-from qdformer_jax.training.checkpoint import Checkpoints
+from qdformer_jax.training.checkpoint import (
+    Checkpoints,
+    UnreadableCheckpoint,
+    abstract_saveable,
+    shape_differences,
+    shapes_of,
+)
 
 # -- state -----------------------------------------------------------------------------------------
 
@@ -49,12 +59,7 @@ def abstract_train_state(config, mesh, drop_steps):
 def create_train_state(config, mesh, drop_steps):
   """(graphdef, state, abstract state with shardings); the state is created already sharded."""
   graphdef, abstract_state = abstract_train_state(config, mesh, drop_steps)
-
-  @functools.partial(jax.jit, out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))
-  def init():
-    return nnx.split(model_and_optimizer(config, drop_steps))[1]
-
-  return graphdef, init(), abstract_state
+  return graphdef, init_train_state(config, abstract_state, drop_steps), abstract_state
 
 
 def load_pretrained(config, state, graphdef):
@@ -73,12 +78,23 @@ def load_pretrained(config, state, graphdef):
 
 # -- step ------------------------------------------------------------------------------------------
 
+NONFINITE_MODES = ('error', 'skip')
+
+
 def make_train_step(graphdef, config, state_shardings, mesh):
-  """The jitted train step: (state, global batch) -> (state, metrics); the state is donated."""
+  """The jitted train step: (state, global batch) -> (state, metrics); the state is donated.
+
+  An update whose loss, gradient norm or resulting parameters are not finite is not applied (the
+  state keeps its values, on the device, no host round trip); ``metrics['skipped']`` is 1 for it.
+  The optimizer's step count advances either way, so it always equals the number of batches
+  consumed.
+  """
   num_classes = config.data.num_classes
 
   def train_step(state, batch):
+    before = jax.tree.map(lambda x: x, state)  # the input values (merge shares variables that update mutates)
     model, optimizer = nnx.merge(graphdef, state)
+    count = optimizer.step[...]
 
     def loss_fn(model):
       outputs = model(batch['frames'], batch['log_mel'], batch['frame_valid'], train=True)
@@ -90,13 +106,88 @@ def make_train_step(graphdef, config, state_shardings, mesh):
     trainable = nnx.DiffState(0, optim.trainable_filter(model))
     (loss, (terms, outputs)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(terms, loss=loss, grad_norm=grad_norm)
     key = jax.random.fold_in(jax.random.key(config.seed), optimizer.step[...])
     metrics.update(model.train_diagnostics(outputs, key))
+    updated = nnx.state((model, optimizer))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(nnx.state(model, nnx.Param))
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, before)
+    model, optimizer = nnx.merge(graphdef, kept)
+    optimizer.step[...] = count + 1
+    metrics['skipped'] = (~finite).astype(jnp.float32)
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+@jax.jit
+def _accumulate(acc, metrics):
+  """Adds one step's metrics to the running sums of the log interval (skipped steps excluded) and
+  tracks non-finite steps: their count, the first one and its non-finite terms, the longest run of
+  consecutive ones. On the device: the host reads it only at log, eval and checkpoint boundaries."""
+  ok = metrics['skipped'] == 0
+  values = {k: v for k, v in metrics.items() if k != 'skipped'}
+  health = acc['health']
+  step = health['step'] + 1
+  first = (health['bad'] == 0) & ~ok
+  run = jnp.where(ok, 0, health['run'] + 1)
+  longer = run > health['max_run']
+  return {
+      'sums': jax.tree.map(lambda s, v: s + jnp.where(ok, v, 0.0), acc['sums'], values),
+      'good': acc['good'] + ok.astype(jnp.int32),
+      'health': {
+          'step': step,
+          'bad': health['bad'] + (~ok).astype(jnp.int32),
+          'first_step': jnp.where(first, step, health['first_step']),
+          'first_terms': {k: jnp.where(first, ~jnp.isfinite(v), health['first_terms'][k]) for k, v in values.items()},
+          'run': run,
+          'max_run': jnp.maximum(run, health['max_run']),
+          'max_run_end': jnp.where(longer, step, health['max_run_end']),
+      },
+  }
+
+
+def _new_accumulator(metrics, step: int) -> dict:
+  values = {k: v for k, v in metrics.items() if k != 'skipped'}
+  zero = jnp.zeros((), jnp.int32)
+  return {'sums': jax.tree.map(jnp.zeros_like, values), 'good': zero,
+          'health': {'step': jnp.asarray(step, jnp.int32), 'bad': zero, 'first_step': zero,
+                     'first_terms': {k: jnp.zeros((), bool) for k in values}, 'run': zero, 'max_run': zero,
+                     'max_run_end': zero}}
+
+
+class NonFiniteError(ValueError):
+  """Training met a non-finite loss or gradient norm (``config.nonfinite``); nothing non-finite was saved."""
+
+
+def check_finite(health: dict, config, latest_checkpoint: int | None, skipped_before: int) -> None:
+  """Raises NonFiniteError when ``config.nonfinite`` says the run stops: 'error' at the first
+  non-finite step, 'skip' after ``nonfinite_max_consecutive`` of them in a row."""
+  if not int(health['bad']):
+    return
+  terms = sorted(k for k, v in health['first_terms'].items() if bool(v)) or ['the updated parameters']
+  shown = ', '.join(terms[:8]) + (f' (+{len(terms) - 8} more)' if len(terms) > 8 else '')
+  kept = (f'the latest checkpoint is step {latest_checkpoint}' if latest_checkpoint is not None
+          else 'no checkpoint was written')
+  if config.nonfinite == 'error':
+    raise NonFiniteError(
+        f'non-finite training values at step {int(health["first_step"])}: {shown}; the update was not applied '
+        f'and nothing after it was saved ({kept}). Lower --config.optim.learning_rate (now '
+        f'{config.optim.learning_rate}), or pass --config.nonfinite=skip to skip such updates')
+  limit = int(config.nonfinite_max_consecutive)
+  if int(health['max_run']) >= limit:
+    raise NonFiniteError(
+        f'{int(health["max_run"])} consecutive non-finite updates ending at step {int(health["max_run_end"])} '
+        f'(config.nonfinite_max_consecutive={limit}; {skipped_before + int(health["bad"])} skipped in all, the '
+        f'first at step {int(health["first_step"])}: {shown}); stopped ({kept}). Lower '
+        '--config.optim.learning_rate or resume from an earlier checkpoint')
 
 
 # -- loop ------------------------------------------------------------------------------------------
@@ -152,83 +243,353 @@ def _resolved(config):
   return config
 
 
+def check_run_config(config) -> None:
+  """The training-loop fields of ``config`` that have a fixed set of values."""
+  mode = config.get('nonfinite', 'error')
+  if mode not in NONFINITE_MODES:
+    raise ValueError(f'config.nonfinite must be one of {list(NONFINITE_MODES)}, got {mode!r}')
+  if int(config.get('nonfinite_max_consecutive', 1)) < 1:
+    raise ValueError(f'config.nonfinite_max_consecutive must be >= 1, got {config.nonfinite_max_consecutive}')
+
+
+# -- resuming: config drift -------------------------------------------------------------------------
+
+# Fields that may change when a run resumes (schedule length, cadences, where data and caches are,
+# which evaluations run, how non-finite steps are handled); any other difference from the run's
+# config.json stops the resume. A prefix ending in '.' covers a whole sub-config.
+RESUMABLE_FIELDS = ('mode', 'total_steps', 'num_epochs', 'lr_drop_steps', 'lr_drop_epochs', 'eval_every',
+                    'log_every', 'checkpoint_every', 'keep_checkpoints', 'compilation_cache', 'data.data_dir',
+                    'data.read_threads', 'evals', 'evals.', 'best_eval', 'eval.', 'nonfinite',
+                    'nonfinite_max_consecutive', 'debug_nan_step')
+
+
+def _flat(tree, prefix: str = '') -> dict:
+  if isinstance(tree, dict) and tree:
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _resumable(field: str) -> bool:
+  return any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_FIELDS)
+
+
+def config_differences(stored: dict, requested: dict) -> tuple[list, list]:
+  """(fields that may not change, fields that may) as (field, stored value, requested value); a field
+  only one side has (written by another version of the code) is listed among those that may."""
+  old, new = _flat(stored), _flat(requested)
+  fixed, free = [], []
+  for field in sorted(set(old) | set(new)):
+    a, b = old.get(field, '<absent>'), new.get(field, '<absent>')
+    if a == b:
+      continue
+    one_sided = field not in old or field not in new
+    (free if one_sided or _resumable(field) else fixed).append((field, a, b))
+  return fixed, free
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _write_run_config(config, workdir: str) -> None:
+  """config.json of the run; for a resumed run only after its checkpoint was restored."""
+  with open(workdir_lib.config_path(workdir), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def read_run_config(workdir: str) -> dict | None:
+  path = workdir_lib.config_path(workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def drift_message(workdir: str, fixed: list, params: list[str]) -> str:
+  """One line: what differs between the run in ``workdir`` and the requested config, and the fix."""
+  parts = [f'{field}: stored {json.dumps(a)}, requested {json.dumps(b)}' for field, a, b in fixed]
+  if params:
+    parts.append(f'{len(params)} parameter(s) differ from the checkpoint: ' + '; '.join(params[:6])
+                 + ('; ...' if len(params) > 6 else ''))
+  flags = ' '.join(f'--config.{field}={json.dumps(a) if isinstance(a, str) else a}' for field, a, _ in fixed
+                   if a != '<absent>')
+  fix = f'resume with {flags}' if flags else 'resume with the config the run was trained with'
+  return (f'{workdir} holds a run trained with another config ({"; ".join(parts)}); {fix}, or start the '
+          'new config in a new --workdir (nothing was changed in this one)')
+
+
+# -- resuming: evaluations -------------------------------------------------------------------------
+
+def _report_path(workdir: str, entry, step: int) -> str:
+  """The report file an entry writes at ``step`` (``qdformer_jax.evaluation.reports`` names them)."""
+  prefix = {'segmentation': 'eval', 'audio_use': 'audio_use', 'noise': 'noise'}[entry.kind]
+  return os.path.join(workdir_lib.reports_dir(workdir), f'{prefix}_{entry.split}_{step}.json')
+
+
+def unevaluated(workdir: str, entries: dict, step: int, total_steps: int, config, ckpt) -> dict:
+  """The entries due at checkpoint ``step`` whose report is missing, plus ``best_eval`` when the step
+  holds no metrics yet (process 0 decides; every process gets its answer)."""
+  due = {name: e for name, e in entries.items() if evals.due(e, step, total_steps)}
+  missing = {name for name, e in due.items() if not os.path.exists(_report_path(workdir, e, step))}
+  if config.best_eval in due and ckpt.metrics(step) is None:
+    missing.add(config.best_eval)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    flags = np.array([name in missing for name in due], np.int32)
+    flags = multihost_utils.broadcast_one_to_all(flags)
+    missing = {name for name, flag in zip(due, flags) if flag}
+  return {name: due[name] for name in due if name in missing}
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+class Preempted(SystemExit):
+  """The run was asked to stop (SIGTERM or a preemption notice) and saved its current step.
+  A SystemExit with code 143 (128 + SIGTERM), as if the signal had ended the process."""
+
+  def __init__(self, message: str):
+    super().__init__(143)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def _preemption_service() -> bool:
+  """Whether JAX's distributed preemption sync manager runs (multi-process jobs after
+  ``jax.distributed.initialize``); it then owns SIGTERM and synchronises the stop step."""
+  try:
+    from jax._src import distributed
+  except ImportError:
+    return False
+  state = distributed.global_state
+  return state.client is not None and getattr(state, 'preemption_sync_manager', None) is not None
+
+
+class StopRequest:
+  """Asks the loop to save and exit at a step boundary when the job is told to stop.
+
+  One process: a SIGTERM handler sets a flag, read every step (no device work). Several processes
+  with JAX's preemption service: ``multihost_utils.reached_preemption_sync_point(step)`` every step
+  (local until a notice arrives; then the service picks the same step on every host). Several
+  processes without it: the SIGTERM flags are combined every ``agree_every`` steps (one small
+  collective), so every process stops at the same step.
+  """
+
+  def __init__(self, agree_every: int = 10):
+    self.agree_every = agree_every
+    self.multiprocess = jax.process_count() > 1
+    self.use_service = self.multiprocess and _preemption_service()
+    self.flag = threading.Event()
+    self.reason = 'preemption notice' if self.use_service else 'SIGTERM'
+    self.previous = None
+    if not self.use_service:
+      try:
+        self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+      except ValueError:  # not the main thread (e.g. a notebook worker thread): no handler
+        logging.info('SIGTERM handler not installed (not the main thread)')
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.flag.set()
+
+  def requested(self, step: int) -> bool:
+    if self.use_service:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    if not self.multiprocess:
+      return self.flag.is_set()
+    if step % self.agree_every:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag.is_set()))))
+
+  def close(self):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+      self.previous = None
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
 def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last evaluation
   (the metrics of the ``config.best_eval`` entry; every entry's reports are under ``<workdir>/reports``).
-  ``config_arg``: the ``--config`` argument the run was started with, for the commands of the summary."""
+  ``config_arg``: the ``--config`` argument the run was started with, for the commands of the summary.
+
+  What survives what: SIGTERM saves the current step and raises :class:`Preempted` (exit 143); a
+  rerun resumes there. A non-finite update is never applied nor saved (``config.nonfinite``). An
+  unreadable latest checkpoint is moved aside and the previous one restored. A config that differs
+  from the run's ``config.json`` in a field that cannot change raises ValueError before anything is
+  written. An evaluation missing at the resumed step runs first."""
   started = time.time()
   os.makedirs(workdir, exist_ok=True)
   config = _resolved(config)
   check_eval_batch(config)
+  check_run_config(config)
   enable_compilation_cache(config)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    with open(workdir_lib.config_path(workdir), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
+  try:
+    return _train(config, workdir, ckpt, is_chief, started, config_arg)
+  finally:
+    ckpt.close()
+
+
+def _train(config, workdir, ckpt, is_chief, started, config_arg):
+  stored_config = read_run_config(workdir) if ckpt.all_steps() else None
+  if stored_config is None and is_chief:
+    _write_run_config(config, workdir)  # a new run: nothing to protect, and the config is on record at once
   mesh = sharding.make_mesh(config)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(), jax.process_count())
-
-  # Data.
-  train_iter = pipeline.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = max(1, len(registry.open_source(config.data, config.data.train_split)) // config.batch_size)
   total_steps, drop_steps = optim.total_and_drop_steps(config, steps_per_epoch)
+  graphdef, abstract_state = abstract_train_state(config, mesh, drop_steps)
 
-  # Sharded state, resumed when the workdir has a checkpoint.
-  graphdef, state, abstract_state = create_train_state(config, mesh, drop_steps)
-  ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    state, _, start_step = ckpt.restore(abstract_state, data_iterator=train_iter)
+  # Resume: compare configs and shapes before anything is restored or written, then restore the
+  # newest readable step.
+  start_step, meta = 0, {}
+  if ckpt.all_steps():
+    _check_drift(workdir, stored_config, config, ckpt, abstract_state)
+    state, meta, start_step, _ = ckpt.restore_latest(abstract_state)
     logging.info('resumed from step %d', start_step)
   else:
+    state = init_train_state(config, abstract_state, drop_steps)
     state = load_pretrained(config, state, graphdef)
+  if is_chief:
+    _write_run_config(config, workdir)
+
+  # Data: every process starts at the run's global batch position, whatever the process count.
+  data_start = int(meta.get('global_batch', start_step))
+  train_iter = pipeline.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), start_batch=data_start)
+  if meta and int(meta.get('process_count', jax.process_count())) != jax.process_count():
+    logging.info('checkpoint written by %d processes, resumed by %d at global batch %d',
+                 meta['process_count'], jax.process_count(), data_start)
+  skipped_before = int(meta.get('skipped_updates', 0))
+
   train_step = make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
   evaluator = Evaluator(config, mesh, graphdef)
   eval_entries = evals.entries(config)
   writer = reports.make_writer(workdir) if is_chief else None
-
-  progress = Progress(total_steps)
-  sums, count = None, 0
+  stop = StopRequest()
   last_eval = {}
   step = start_step
-  while step < total_steps:
-    t0 = time.perf_counter()
-    batch = pipeline.to_global(pipeline.device_batch(next(train_iter)), mesh)
-    state, metrics = train_step(state, batch)
-    step += 1
-    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    count += 1
-    if step == start_step + 1:
-      jax.block_until_ready(sums)
-      logging.info('compiled and ran the first train step in %.1f s', time.perf_counter() - t0)
-    else:
-      progress.timed(time.perf_counter() - t0)
-    if step % config.log_every == 0 or step == total_steps:
-      means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-      sums, count = None, 0
-      logging.info(progress.line(step, means))
-      if writer is not None:
-        for k, v in means.items():
-          writer.add_scalar(f'train/{k}', v, step)
-        writer.flush()
-    due = {name: e for name, e in eval_entries.items() if evals.due(e, step, total_steps)}
-    if due:
-      last_eval.update(evals.run(evaluator, state, step, config, workdir, due, writer))
-    if step % config.checkpoint_every == 0 or due or step == total_steps:
-      ranked = last_eval.get(config.best_eval) if config.best_eval in due else None
-      ckpt.save(step, state, train_iter, {'step': step, 'config': config.name}, metrics=ranked)
-  ckpt.wait()
+  try:
+    if start_step:
+      pending = unevaluated(workdir, eval_entries, start_step, total_steps, config, ckpt)
+      if pending:
+        logging.info('evaluating step %d (its evaluation was missing: %s)', start_step, ', '.join(pending))
+        last_eval.update(_evaluate(evaluator, state, start_step, config, workdir, pending, writer, ckpt))
+
+    progress = Progress(total_steps)
+    acc = None
+    debug_nan_step = int(config.get('debug_nan_step', 0) or 0)
+    while step < total_steps:
+      t0 = time.perf_counter()
+      host_batch = pipeline.device_batch(next(train_iter))
+      if step + 1 == debug_nan_step:  # tests only: NaN audio, hence NaN gradients (and mostly a NaN loss)
+        host_batch = dict(host_batch, log_mel=np.full_like(host_batch['log_mel'], np.nan))
+      batch = pipeline.to_global(host_batch, mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      acc = _accumulate(acc if acc is not None else _new_accumulator(metrics, step - 1), metrics)
+      if step == start_step + 1:
+        jax.block_until_ready(acc)
+        logging.info('compiled and ran the first train step in %.1f s', time.perf_counter() - t0)
+      else:
+        progress.timed(time.perf_counter() - t0)
+      stopping = stop.requested(step)
+      due = {name: e for name, e in eval_entries.items() if evals.due(e, step, total_steps)}
+      save = step % config.checkpoint_every == 0 or bool(due) or step == total_steps or stopping
+      if step % config.log_every == 0 or step == total_steps or save:
+        acc = jax.device_get(acc)
+        check_finite(acc['health'], config, ckpt.latest_step(), skipped_before)
+        if step % config.log_every == 0 or step == total_steps:
+          _log_interval(progress, step, acc, skipped_before, writer)
+          acc = dict(acc, sums=jax.tree.map(np.zeros_like, acc['sums']), good=np.zeros((), np.int32))
+      if save:
+        skipped = skipped_before + int(acc['health']['bad'])
+        ckpt.save(step, state, train_iter, {
+            'step': step, 'config': config.name, 'global_batch': data_start + step - start_step,
+            'global_batch_size': config.batch_size, 'process_count': jax.process_count(),
+            'skipped_updates': skipped})
+      if stopping:
+        ckpt.wait()
+        message = (f'stopped by {stop.reason} at step {step}: checkpoint {step} saved in '
+                   f'{workdir_lib.checkpoints_dir(workdir)}; rerun the same command to resume from it')
+        logging.warning(message)
+        raise Preempted(message)
+      if due:
+        last_eval.update(_evaluate(evaluator, state, step, config, workdir, due, writer, ckpt))
+    ckpt.wait()
+  finally:
+    stop.close()
+    if writer is not None:
+      writer.close()
+
   best = ckpt.best_step()
-  ckpt.close()
-  if writer is not None:
-    writer.close()
-  final = last_eval.get(config.best_eval, {})
+  final = last_eval.get(config.best_eval) or dict(ckpt.metrics(step) or {})
   if is_chief:
     for line in summary(config, workdir, step - start_step, time.time() - started, final, best, config_arg):
       logging.info(line)
   return final
+
+
+def init_train_state(config, abstract_state, drop_steps):
+  """A freshly initialised train state, created already sharded as ``abstract_state`` says."""
+
+  @functools.partial(jax.jit, out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))
+  def init():
+    return nnx.split(model_and_optimizer(config, drop_steps))[1]
+
+  return init()
+
+
+def _check_drift(workdir, stored_config, config, ckpt, abstract_state) -> None:
+  """Raises ValueError (before anything is restored or written) when ``config`` differs from the
+  run's config.json in a field that cannot change on resume, or from the checkpoint in a parameter
+  shape; logs the differences that are allowed."""
+  fixed, free = config_differences(stored_config, _config_json(config)) if stored_config else ([], [])
+  params = []
+  requested = shapes_of(abstract_saveable(abstract_state))
+  for step in sorted(ckpt.all_steps(), reverse=True):  # the newest step whose metadata reads
+    try:
+      params = shape_differences(ckpt.stored_shapes(step), requested)
+      break
+    except UnreadableCheckpoint:
+      continue
+  if fixed or params:
+    raise ValueError(drift_message(workdir, fixed, params))
+  for field, a, b in free:
+    logging.info('resuming with %s = %s (was %s)', field, json.dumps(b), json.dumps(a))
+
+
+def _evaluate(evaluator, state, step, config, workdir, entries, writer, ckpt) -> dict:
+  """Runs ``entries`` at ``step`` (already saved) and ranks the step by the ``best_eval`` entry."""
+  results = evals.run(evaluator, state, step, config, workdir, entries, writer)
+  if config.best_eval in results:
+    ckpt.record_metrics(step, results[config.best_eval])
+  return results
+
+
+def _log_interval(progress, step: int, acc: dict, skipped_before: int, writer) -> None:
+  good = int(acc['good'])
+  means = {k: float(v) / good for k, v in acc['sums'].items()} if good else {}
+  line = progress.line(step, means)
+  skipped = skipped_before + int(acc['health']['bad'])
+  if skipped:
+    line += f' | {skipped} non-finite update(s) skipped so far (first at step {int(acc["health"]["first_step"])})'
+    means['skipped_updates'] = float(skipped)
+  logging.info(line)
+  if writer is not None:
+    for k, v in means.items():
+      writer.add_scalar(f'train/{k}', v, step)
+    writer.flush()
 
 
 def summary(config, workdir: str, steps: int, seconds: float, final: dict, best_step: int | None,
@@ -248,19 +609,34 @@ def summary(config, workdir: str, steps: int, seconds: float, final: dict, best_
   return lines
 
 
+def parse_checkpoint_choice(value) -> tuple[str, int | None]:
+  """``config.eval.checkpoint`` -> ('latest' | 'best', None) or ('latest', step)."""
+  text = str(value).strip().lower()
+  if text in ('latest', 'best'):
+    return text, None
+  if text.isdigit():
+    return 'latest', int(text)
+  raise ValueError(f"config.eval.checkpoint must be 'latest', 'best' or a step number (e.g. 1200), got {value!r}")
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """``config.mode = 'eval'``: restores the latest/best/<step> checkpoint and runs every evaluation
   entry of the config on it (``evals.entries(config, mode='eval')``); returns the metrics of the
   ``config.best_eval`` entry (all reports are under ``<workdir>/reports``)."""
   config = _resolved(config)
+  parse_checkpoint_choice(config.eval.checkpoint)  # a typo fails before anything is built
   enable_compilation_cache(config)
   mesh = sharding.make_mesh(config)
   graphdef, abstract_state = abstract_train_state(config, mesh, ())  # restored, never initialised
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
-  which = str(config.eval.checkpoint)
-  step = None if which in ('latest', 'best') else int(which)
-  state, _, step = ckpt.restore(abstract_state, step=step, which='best' if which == 'best' else 'latest')
-  ckpt.close()
+  try:
+    which, step = parse_checkpoint_choice(config.eval.checkpoint)
+    if which == 'best' and ckpt.best_step() is None:
+      raise FileNotFoundError(f'{workdir} has no evaluated checkpoint to pick the best from (steps: '
+                              f'{", ".join(map(str, ckpt.all_steps())) or "none"}); use --config.eval.checkpoint=latest')
+    state, _, step = ckpt.restore(abstract_state, step=step, which=which)
+  finally:
+    ckpt.close()
   evaluator = Evaluator(config, mesh, graphdef)
   writer = reports.make_writer(workdir) if jax.process_index() == 0 else None
   results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'), writer)
