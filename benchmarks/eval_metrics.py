@@ -36,16 +36,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import avss, common, s4  # noqa: E402
-from qdformer_jax import sharding  # noqa: E402
+from qdformer_jax import sharding, testing  # noqa: E402
 from qdformer_jax.data import pipeline  # noqa: E402
 from qdformer_jax.evaluation import evaluator as evaluator_lib  # noqa: E402
 from qdformer_jax.evaluation import metrics as metrics_lib  # noqa: E402
 from qdformer_jax.evaluation import postprocess  # noqa: E402
-from qdformer_jax.training import train  # noqa: E402
 
 TASKS = {'avss': avss.get_config, 's4': s4.get_config}
 
@@ -59,31 +56,6 @@ def task_config(task: str, model: str, batch: int):
     batch = group * -(-batch // group)
   config.eval_batch_size = batch
   return config
-
-
-def host_state(config, mesh):
-  """(graphdef, state) of (model, optimizer) with parameters drawn in NumPy, replicated."""
-  abstract = nnx.eval_shape(lambda: train.model_and_optimizer(config, ()))
-  graphdef, abstract_state = nnx.split(abstract)
-  replicated = NamedSharding(mesh, P())
-  rng = np.random.default_rng(0)
-  key = jax.random.key(0)
-
-  def fill(path, x):
-    name = jax.tree_util.keystr(path)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.device_put(key, replicated)
-    if not jax.dtypes.issubdtype(x.dtype, np.floating):
-      value = np.zeros(x.shape)
-    elif x.ndim >= 2:
-      value = rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-    elif any(f"'{k}'" in name for k in ('var', 'running_var', 'scale', 'weight')):
-      value = np.ones(x.shape)
-    else:
-      value = np.zeros(x.shape)
-    return jax.device_put(np.asarray(value, x.dtype), replicated)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 def random_batch(config, batch: int, mesh) -> dict:
@@ -116,7 +88,7 @@ def bench_task(task: str, model: str, batch: int, reps: int) -> dict:
   config = task_config(task, model, batch)
   batch = int(config.eval_batch_size)
   mesh = sharding.make_mesh(config)
-  graphdef, state = host_state(config, mesh)
+  graphdef, state = testing.random_train_state(config, mesh)[:2]
   data = random_batch(config, batch, mesh)
   evaluator = evaluator_lib.Evaluator(config, mesh, graphdef)
   size, binary = evaluator.size, evaluator.binary

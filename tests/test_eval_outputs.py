@@ -4,63 +4,24 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from configs import synthetic as synthetic_config
-from qdformer_jax import sharding
+from qdformer_jax import sharding, testing
 from qdformer_jax.data import pipeline, registry, synthetic
 from qdformer_jax.evaluation import evaluator as evaluator_lib
 from qdformer_jax.evaluation import overlays, reports
-from qdformer_jax.training import train
 
 
 def tiny_config(data_dir: str):
-  c = synthetic_config.get_config('smoke')
-  c.data.data_dir = data_dir
-  c.data.image_size = 32
-  c.data.num_frames = 3
-  c.data.synthetic = {'train_clips': 2, 'validation_clips': 3, 'test_clips': 2}
+  c = testing.tiny_synthetic_config(data_dir)
   c.eval_batch_size = 2
   c.eval.limit = 3  # two batches, the second padded with an invalid clip
   c.eval.num_overlays = 3
   c.model.dec_layers = 1
   return c
-
-
-def cheap_train_state(config, mesh, drop_steps):
-  """``train.create_train_state`` with parameters drawn in NumPy (weights scaled by fan-in, norm
-  variances and scales 1): the initialiser's XLA compile is the slowest part of a tiny test."""
-  abstract = nnx.eval_shape(lambda: train.model_and_optimizer(config, drop_steps))
-  graphdef, abstract_state = nnx.split(abstract)
-  replicated = NamedSharding(mesh, P())
-  rng = np.random.default_rng(0)
-  key = jax.random.key(0)
-
-  def fill(path, x):
-    name = jax.tree_util.keystr(path)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.device_put(key, replicated)
-    if not jax.dtypes.issubdtype(x.dtype, np.floating):
-      value = np.zeros(x.shape)
-    elif x.ndim >= 2:
-      value = rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-    elif any(f"'{k}'" in name for k in ('var', 'running_var', 'scale', 'weight')):
-      value = np.ones(x.shape)
-    else:
-      value = np.zeros(x.shape)
-    return jax.device_put(np.asarray(value, x.dtype), replicated)
-
-  state = jax.tree_util.tree_map_with_path(fill, abstract_state)
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                abstract_state)
-  return graphdef, state, abstract_state
 
 
 class RecordingWriter:
@@ -140,7 +101,7 @@ def test_write_overlays_png_and_legend(tmp_path):
 def setup(tmp_path_factory):
   config = tiny_config(str(tmp_path_factory.mktemp('tfds')))
   mesh = sharding.make_mesh(config)
-  graphdef, state, _ = cheap_train_state(config, mesh, ())
+  graphdef, state, _ = testing.random_train_state(config, mesh)
   # One Evaluator for the module: its eval step compiles once.
   return config, mesh, evaluator_lib.Evaluator(config, mesh, graphdef), state
 

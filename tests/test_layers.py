@@ -20,7 +20,7 @@ LAYERS = {  # first name below qdformer_jax -> rank
     'convert': 3, 'losses': 3,
     'evaluation': 4,
     'training': 5,
-    'inference': 6, 'predict': 6, 'experiments': 6,
+    'inference': 6, 'predict': 6, 'experiments': 6, 'testing': 6,
 }
 
 

@@ -43,19 +43,14 @@ REL_TOL = 1e-5
 
 def tiny_config(data_dir: str, **changes):
   """The smoke synthetic config (semantic, 8 classes) at 32 px, T = 2, batch 8 (divides 8 devices)."""
-  from configs import synthetic
-  c = synthetic.get_config('smoke')
-  c.data.data_dir = data_dir
-  c.data.image_size = 32
-  c.data.num_frames = 2
-  c.data.synthetic = {'train_clips': 8, 'validation_clips': 6, 'test_clips': 2}
+  from qdformer_jax import testing
+  c = testing.tiny_synthetic_config(
+      data_dir, num_frames=2, clips=(8, 6, 2),
+      batch_size=8,        # divides 8 devices
+      eval_batch_size=8,   # 6 clips -> one batch with 2 padding clips
+      total_steps=2, lr_drop_steps=(1,), mesh_fsdp=1)
   c.model.dec_layers = 1  # one decoder layer: the step's compile time is what these tests pay for
-  c.batch_size = 8
-  c.eval_batch_size = 8   # 6 clips -> one batch with 2 padding clips
-  c.total_steps = 2
-  c.lr_drop_steps = (1,)
   c.eval.limit = 0
-  c.mesh_fsdp = 1
   for k, v in changes.items():
     setattr(c, k, v)
   return c

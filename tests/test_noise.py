@@ -15,18 +15,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from configs import synthetic as synthetic_config
-from qdformer_jax import sharding
+from qdformer_jax import sharding, testing
 from qdformer_jax.data import audio, noise, pipeline, records, registry, synthetic
 from qdformer_jax.training import checkpoint, train
 
 
 def tiny_config(data_dir: str):
-  c = synthetic_config.get_config('smoke')
-  c.data.data_dir = data_dir
-  c.data.image_size = 32
-  c.data.num_frames = 3
-  c.data.synthetic = {'train_clips': 2, 'validation_clips': 3, 'test_clips': 2}
+  c = testing.tiny_synthetic_config(data_dir)
   c.model.dec_layers = 1
   c.eval_batch_size = 2
   c.eval.limit = 3

@@ -9,23 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import synthetic
-from qdformer_jax import sharding
+from qdformer_jax import sharding, testing
 from qdformer_jax.data import pipeline
 from qdformer_jax.training import train
 
 
 def tiny_config(data_dir: str, **changes):
-  c = synthetic.get_config('smoke')
-  c.data.data_dir = data_dir
-  c.data.image_size = 32
-  c.data.num_frames = 3
-  c.data.synthetic = {'train_clips': 8, 'validation_clips': 4, 'test_clips': 4}
-  c.total_steps = 2
-  c.lr_drop_steps = (1,)
-  c.log_every = 1
-  c.eval_every = 2
-  c.checkpoint_every = 2
+  c = testing.tiny_synthetic_config(data_dir, clips=(8, 4, 4), total_steps=2, lr_drop_steps=(1,), log_every=1,
+                                    eval_every=2, checkpoint_every=2)
   c.eval.limit = 3  # not a multiple of the eval batch: the padded clip must not count
   for k, v in changes.items():
     setattr(c, k, v)

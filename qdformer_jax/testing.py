@@ -1,0 +1,55 @@
+"""Helpers for tests and benchmarks: tiny synthetic configs and train states drawn without compiling
+the initialiser. An entry-point layer module (it imports training); nothing in the library uses it.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qdformer_jax import sharding
+from qdformer_jax.training import train
+
+
+def tiny_synthetic_config(data_dir: str, *, image_size: int = 32, num_frames: int = 3,
+                          clips: tuple[int, int, int] = (2, 3, 2), **changes):
+  """``configs/synthetic.py:smoke`` at ``image_size`` px and T = ``num_frames``, with
+  (train, val, test) ``clips`` built under ``data_dir``; ``changes`` set top-level fields."""
+  from configs import synthetic
+  c = synthetic.get_config('smoke')
+  c.data.data_dir = data_dir
+  c.data.image_size = image_size
+  c.data.num_frames = num_frames
+  c.data.synthetic = {'train_clips': clips[0], 'validation_clips': clips[1], 'test_clips': clips[2]}
+  for k, v in changes.items():
+    setattr(c, k, v)
+  return c
+
+
+def random_train_state(config, mesh, drop_steps=(), seed: int = 0):
+  """(graphdef, state, abstract state) like ``train.create_train_state``, replicated over ``mesh``,
+  with parameters drawn in NumPy (weights scaled by fan-in; norm variances and scales 1, other
+  vectors 0): the initialiser's XLA compile is the slowest part of a tiny test or a cost benchmark."""
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: train.model_and_optimizer(config, drop_steps)))
+  replicated = sharding.replicated(mesh)
+  rng = np.random.default_rng(seed)
+  key = jax.random.key(seed)
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.device_put(key, replicated)
+    if not jax.dtypes.issubdtype(x.dtype, np.floating):
+      value = np.zeros(x.shape)
+    elif x.ndim >= 2:
+      value = rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+    elif any(f"'{k}'" in name for k in ('var', 'running_var', 'scale', 'weight')):
+      value = np.ones(x.shape)
+    else:
+      value = np.zeros(x.shape)
+    return jax.device_put(np.asarray(value, x.dtype), replicated)
+
+  state = jax.tree_util.tree_map_with_path(fill, abstract_state)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                abstract_state)
+  return graphdef, state, abstract_state
