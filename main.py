@@ -8,6 +8,9 @@
 """
 from __future__ import annotations
 
+import re
+import sys
+
 import jax
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,6 +22,29 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard log
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (multi-host TPU / GPU clusters).')
 flags.DEFINE_bool('debug', False, 'Show the traceback of errors a user can cause (bad value, missing file).')
 config_flags.DEFINE_config_file('config', None, 'Task config file (configs/*.py[:args]).', lock_config=True)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, but a bad flag or config argument is one line (the error, not the traceback
+  ml_collections wraps it in), exit code 2; --debug keeps the whole message."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if '--debug' in argv or not lines:
+      raise
+    print(f'error: {lines[-1]}', file=sys.stderr)
+    print('(see --helpshort for the flags; rerun with --debug for the traceback)', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config does not have
+    if '--debug' in argv:
+      raise
+    text = str(e).replace('\\n', ' ')
+    name = re.search(r"'\\?'?([\w.]+)", text)
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    print(f"error: the config has no field {name.group(1) if name else text!r} (named by a --config.* "
+          f"override){'; did you mean ' + repr(hint.group(1)) if hint else ''}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -40,4 +66,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
