@@ -1,4 +1,5 @@
-"""AVSBench AVS-Semantic (70 classes + background, T = 10, v1s + v1m + v2): the paper's recipe.
+"""AVSBench AVS-Semantic (70 classes + background, T = 10, v1s + v1m + v2): the paper's recipe,
+with the codebook recipe of configs/s4.py (':literal' for the paper's).
 
 Build the dataset once (see tfds_builders/avs_semantic/README.md):
 
@@ -19,7 +20,7 @@ Smoke run (< 2 min on 2 CPU cores) on the fake release of tfds_builders/fixtures
   python -m tfds_builders.avs_semantic --raw_dir FIX/avsbench_semantic --data_dir FIX/tfds --config all
   python main.py --config configs/avss.py:smoke --workdir /tmp/qdf_avss_smoke --config.data.data_dir=FIX/tfds
 
-Arguments after ':' as in configs/s4.py: 'smoke' and/or a backbone name ('swin_t', ...).
+Arguments after ':' as in configs/s4.py: 'smoke', a backbone name ('swin_t', ...), 'literal'.
 """
 from __future__ import annotations
 

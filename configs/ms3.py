@@ -1,4 +1,5 @@
-"""AVSBench AVS-Object MS3 (multiple sound sources, binary masks, T = 5): the paper's recipe.
+"""AVSBench AVS-Object MS3 (multiple sound sources, binary masks, T = 5): the paper's recipe,
+with the codebook recipe of configs/s4.py (':literal' for the paper's).
 
 Build the dataset once (see tfds_builders/avs_object/README.md):
 
@@ -18,7 +19,7 @@ Smoke run on the fake release:
   python -m tfds_builders.avs_object --raw_dir FIX/avsbench_object --data_dir FIX/tfds --config ms3
   python main.py --config configs/ms3.py:smoke --workdir /tmp/qdf_ms3_smoke --config.data.data_dir=FIX/tfds
 
-Arguments after ':' as in configs/s4.py: 'smoke' and/or a backbone name ('swin_t', ...).
+Arguments after ':' as in configs/s4.py: 'smoke', a backbone name ('swin_t', ...), 'literal'.
 """
 from __future__ import annotations
 

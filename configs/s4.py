@@ -1,4 +1,5 @@
-"""AVSBench AVS-Object S4 (single sound source, binary masks, T = 5): the paper's recipe.
+"""AVSBench AVS-Object S4 (single sound source, binary masks, T = 5): the paper's recipe,
+with the codebook recipe measured to keep the codebook in use (':literal' for the paper's).
 
 Build the dataset once (docs/DESIGN.md §4.1 layout; see tfds_builders/avs_object/README.md):
 
@@ -23,7 +24,10 @@ Smoke run (< 2 min on 2 CPU cores) on the fake release of tfds_builders/fixtures
 
 Arguments after ':' (comma-separated): 'smoke' (configs.common.apply_smoke, 64² frames); a backbone
 name from qdformer_jax.models.backbones.BACKBONE_NAMES ('swin_t', 'resnet101', ...; with 'smoke' a
-narrow two-stage-deep variant of it). Unknown words are an error that lists the allowed ones.
+narrow two-stage-deep variant of it); 'literal' (the paper's codebook recipe: plain L2 codebook, no
+dead-code restarts, Eq. 9 summed over d; by default the cosine codebook with restarts and Eq. 9
+averaged over d, see configs.common.apply_codebook_recipe for why). Unknown words are an error that
+lists the allowed ones.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from qdformer_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {'s4': s4, 'ms3': ms3, 'avss': avss}
-ARGS = ('', 'smoke', 'swin_t', 'smoke,swin_t')
+ARGS = ('', 'smoke', 'swin_t', 'smoke,swin_t', 'literal', 'smoke,literal')
 
 # docs/DESIGN.md §4-6 and the AVSBench releases.
 RECIPES = {
@@ -55,6 +55,10 @@ def test_config_loads_with_the_paper_recipe(task, arg):
     assert c.model.audio.encoder == 'vggish'
   expected_backbone = 'swin_t' if 'swin_t' in arg else ('resnet18' if smoke else 'resnet50')
   assert c.model.backbone.name == expected_backbone
+  # The codebook recipe: cosine codebook + restarts + Eq. 9 averaged over d unless ':literal'.
+  recipe = (c.model.vq_normalize, c.model.vq_restart_dead, c.loss.quant_reduction)
+  assert recipe == ((False, False, 'sum') if 'literal' in arg else (True, True, 'mean'))
+  assert (c.loss.focal_alpha, c.loss.focal_gamma) == (0.25, 2.0)  # the paper's class loss either way
 
 
 @pytest.mark.parametrize('arg', ['smok', 'smoke,resnet50,swin_t', 'vit'])
