@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import tensorflow_datasets as tfds
-
 from qdformer_jax.data import avsbench
+from tfds_builders import cli
 from tfds_builders.avs_object.avs_object_dataset_builder import AvsObject
 
 
@@ -35,15 +34,9 @@ def main(argv=None) -> None:
   if existing and not args.overwrite:
     parser.exit(2, f'error: {avsbench.already_built_message(existing)}\n')
   for builder in builders:
-    builder.download_and_prepare(download_config=_download_config(args.overwrite))
+    builder.download_and_prepare(download_config=cli.download_config(args.overwrite))
     print(f'avs_object/{builder.builder_config.name}:',
           json.dumps(builder.info.metadata.get('build_summary', {}), indent=2))
-
-
-def _download_config(overwrite: bool) -> tfds.download.DownloadConfig:
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  return tfds.download.DownloadConfig(download_mode=mode)
 
 
 if __name__ == '__main__':

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import tensorflow_datasets as tfds
-
 from qdformer_jax.data import avsbench
+from tfds_builders import cli
 from tfds_builders.avs_semantic.avs_semantic_dataset_builder import AvsSemantic
 
 
@@ -33,15 +32,9 @@ def main(argv=None) -> None:
                         raw_dir=args.raw_dir, label_source=args.label_source, strict=args.strict)
   if builder.is_prepared() and not args.overwrite:
     parser.exit(2, f'error: {avsbench.already_built_message([builder])}\n')
-  builder.download_and_prepare(download_config=_download_config(args.overwrite))
+  builder.download_and_prepare(download_config=cli.download_config(args.overwrite))
   print(f'avs_semantic/{args.config}:', json.dumps(builder.info.metadata.get('build_summary', {}),
                                                    indent=2))
-
-
-def _download_config(overwrite: bool) -> tfds.download.DownloadConfig:
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  return tfds.download.DownloadConfig(download_mode=mode)
 
 
 if __name__ == '__main__':
