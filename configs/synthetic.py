@@ -45,8 +45,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.dec_layers = 3
   c.model.mask_dim = 16
   c.model.codebook_size = 32
-  # Cosine codebook, dead-code restarts, Eq. 9 averaged over d: measured here, the plain codebook and
-  # the literal Eq. 9 sum each collapsed the codebook to one code (configs.common.apply_codebook_recipe).
+  # Cosine codebook, dead-code restarts, Eq. 9 averaged over d: measured here, the plain codebook
+  # collapsed to one code and the literal Eq. 9 sum left the audio unused (configs.common.apply_codebook_recipe).
   common.apply_codebook_recipe(c)
   c.model.num_queries = 4
   # (model.box_refine stays on, as in base.py: measured here, 800 steps, val mIoU 0.43 with it and
