@@ -442,6 +442,24 @@ def test_eval_checkpoint_choice_is_checked(data_dir, reference):
   assert train.parse_checkpoint_choice(1200) == ('latest', 1200)
 
 
+def test_nonfinite_eval_metric_never_ranks_as_best():
+  """best_step ignores a step whose metric is NaN or inf, whichever the mode, and steps without metrics."""
+  from qdformer_jax.training import checkpoint
+
+  class Manager:  # the two calls best_step makes of an Orbax CheckpointManager
+    table = {2: {'mIoU': 0.3}, 4: {'mIoU': float('nan')}, 6: {'mIoU': float('inf')}, 8: None, 10: {'mIoU': 0.2}}
+
+    def all_steps(self):
+      return list(self.table)
+
+    def metrics(self, step):
+      return self.table[step]
+
+  assert checkpoint.best_step(Manager(), 'mIoU') == 2
+  assert checkpoint.best_step(Manager(), 'mIoU', mode='min') == 10
+  assert checkpoint.metric_rank({'mIoU': float('nan')}, 'mIoU') == checkpoint.metric_rank({}, 'mIoU') == -float('inf')
+
+
 def test_predict_refuses_nonfinite_audio(reference):
   from qdformer_jax import inference
   predictor = inference.load(reference)
