@@ -27,6 +27,20 @@ METRIC_MODES = {
 }
 
 
+# The file-name prefix of each evaluation kind's report (qdformer_jax.evaluation.evals kinds).
+REPORT_PREFIX = {'segmentation': 'eval', 'audio_use': 'audio_use', 'noise': 'noise'}
+
+
+def report_stem(kind: str, split: str, step) -> str:
+  """<prefix>_<split>_<step>: the name (without extension) of the report an evaluation writes."""
+  return f'{REPORT_PREFIX[kind]}_{split}_{step}'
+
+
+def report_path(workdir: str, kind: str, split: str, step) -> str:
+  """DIR/reports/<stem>.json of the report an evaluation of ``kind`` writes at ``step``."""
+  return os.path.join(workdir_lib.reports_dir(workdir), report_stem(kind, split, step) + '.json')
+
+
 def make_writer(workdir: str):
   from tensorboardX import SummaryWriter
   return SummaryWriter(workdir_lib.tensorboard_dir(workdir))
@@ -57,8 +71,8 @@ def write_report(workdir: str, split: str, step: int, config, results: dict, wri
   report = dict(_report_header(config, split, step), metrics=results,
                 modes={k: v for k, v in METRIC_MODES.items() if k in results})
   name = f'{split}_{variant}' if variant else split
-  path = _write_json(workdir, f'eval_{name}_{step}.json', report)
-  _write_json(workdir, f'eval_{name}_latest.json', report)
+  path = _write_json(workdir, report_stem('segmentation', name, step) + '.json', report)
+  _write_json(workdir, report_stem('segmentation', name, 'latest') + '.json', report)
   if writer is not None:
     for k, v in results.items():
       if isinstance(v, float):
@@ -79,7 +93,7 @@ def write_audio_use_report(workdir: str, split: str, step: int, config, matched:
              and k in METRIC_MODES}
   report = dict(_report_header(config, split, step), metrics=metrics,
                 shuffle='each real clip of an eval batch hears the next real clip of the batch (cyclically)')
-  return _write_json(workdir, f'audio_use_{split}_{step}.json', report)
+  return _write_json(workdir, report_stem('audio_use', split, step) + '.json', report)
 
 
 def _format(value) -> str:
@@ -123,7 +137,7 @@ def write_noise_report(workdir: str, split: str, step: int, config, clean_result
             'modes': {k: METRIC_MODES[k] for k in names}}
   out = workdir_lib.reports_dir(workdir)
   os.makedirs(out, exist_ok=True)
-  base = os.path.join(out, f'noise_{split}_{step}')
+  base = os.path.join(out, report_stem('noise', split, step))
   paths = {'json': base + '.json', 'markdown': base + '.md', 'plot': base + '.png'}
   with open(paths['json'], 'w') as f:
     json.dump(report, f, indent=2)

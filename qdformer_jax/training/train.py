@@ -323,17 +323,11 @@ def drift_message(workdir: str, fixed: list, params: list[str]) -> str:
 
 # -- resuming: evaluations -------------------------------------------------------------------------
 
-def _report_path(workdir: str, entry, step: int) -> str:
-  """The report file an entry writes at ``step`` (``qdformer_jax.evaluation.reports`` names them)."""
-  prefix = {'segmentation': 'eval', 'audio_use': 'audio_use', 'noise': 'noise'}[entry.kind]
-  return os.path.join(workdir_lib.reports_dir(workdir), f'{prefix}_{entry.split}_{step}.json')
-
-
 def unevaluated(workdir: str, entries: dict, step: int, total_steps: int, config, ckpt) -> dict:
   """The entries due at checkpoint ``step`` whose report is missing, plus ``best_eval`` when the step
   holds no metrics yet (process 0 decides; every process gets its answer)."""
   due = {name: e for name, e in entries.items() if evals.due(e, step, total_steps)}
-  missing = {name for name, e in due.items() if not os.path.exists(_report_path(workdir, e, step))}
+  missing = {name for name, e in due.items() if not os.path.exists(reports.report_path(workdir, e.kind, e.split, step))}
   if config.best_eval in due and ckpt.metrics(step) is None:
     missing.add(config.best_eval)
   if jax.process_count() > 1:
