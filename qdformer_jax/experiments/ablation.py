@@ -28,6 +28,7 @@ import ml_collections
 
 from qdformer_jax import console
 from qdformer_jax import workdir as workdir_lib
+from qdformer_jax.evaluation import reports as reports_lib
 from qdformer_jax.training import train
 
 # The paper's Table 2 rows as switches of the model (row 2, time-domain separation with an
@@ -96,7 +97,7 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   config = run_config(base, variant, seed, steps, data_dir)
   reports = workdir_lib.reports_dir(workdir)
   total = int(config.total_steps)
-  done = os.path.join(reports, f'noise_{test_split}_{total}.json')
+  done = reports_lib.report_path(workdir, 'noise', test_split, total)
   t0 = time.time()
   if not os.path.exists(done):
     logging.info('run %s seed %d -> %s', variant, seed, workdir)
@@ -112,18 +113,19 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
     train.evaluate_checkpoint(eval_config, workdir)
   seconds = time.time() - t0
 
-  def report(name):
-    with open(os.path.join(reports, name)) as f:
+  def report(kind, split, step):
+    with open(reports_lib.report_path(workdir, kind, split, step)) as f:
       return json.load(f)
 
   curve = {}
+  prefix = reports_lib.report_stem('segmentation', config.data.eval_split, '')
   for name in sorted(os.listdir(reports)):
-    prefix = f'eval_{config.data.eval_split}_'
     if name.startswith(prefix) and name[len(prefix):-5].isdigit():
-      curve[int(name[len(prefix):-5])] = report(name)['metrics'].get(config.best_metric)
-  noise = report(f'noise_{test_split}_{total}.json')
-  audio_use = report(f'audio_use_{test_split}_{total}.json')['metrics']
-  test = report(f'eval_{test_split}_{total}.json')['metrics']
+      curve[int(name[len(prefix):-5])] = report('segmentation', config.data.eval_split,
+                                                name[len(prefix):-5])['metrics'].get(config.best_metric)
+  noise = report('noise', test_split, total)
+  audio_use = report('audio_use', test_split, total)['metrics']
+  test = report('segmentation', test_split, total)['metrics']
   metric = config.best_metric
   return {
       'variant': variant, 'seed': seed, 'steps': total, 'workdir': workdir,
