@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from qdformer_jax import sharding
-from qdformer_jax.data import noise, records, registry, transforms
+from qdformer_jax.data import audio, noise, records, registry, transforms
 
 DEVICE_KEYS = ('frames', 'log_mel', 'semantic', 'gt_valid', 'frame_valid')  # + clip_valid in eval batches
 
@@ -164,6 +164,30 @@ def make_eval_iterator(data_config, split: str, *, global_batch_size: int, proce
   ds = indices.map(fetch).map(_DecodeEval(data_config)).batch(per_process, drop_remainder=True)
   logging.info('eval %s: %d clips in %d batches of %d', split, total, steps, global_batch_size)
   return iter(ds.to_iter_dataset(_read_options(data_config))), total
+
+
+def batch_spec(data_config, global_batch_size: int, mesh) -> dict:
+  """Shapes, dtypes and shardings of a global train batch (the ``device_batch`` keys), known before
+  any record is read: what the train step is compiled for."""
+  b, t, s = int(global_batch_size), int(data_config.num_frames), int(data_config.image_size)
+  shapes = {'frames': ((b, t, s, s, 3), np.uint8),
+            'log_mel': ((b, t, audio.EXAMPLE_FRAMES, audio.NUM_MEL_BINS), np.float32),
+            'semantic': ((b, t, s, s), np.uint8), 'gt_valid': ((b, t), np.bool_), 'frame_valid': ((b, t), np.bool_)}
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def check_batch(batch: dict, spec: dict, data_config) -> None:
+  """A clear error when the data's clips do not have the shapes the config compiled the step for."""
+  for key, want in spec.items():
+    got = np.asarray(batch[key])
+    local = (got.shape[0],) + tuple(want.shape[1:])  # each process holds its rows of the global batch
+    if got.shape != local or got.dtype != want.dtype:
+      raise ValueError(
+          f'data {data_config.name}/{data_config.builder_config}: batch field {key!r} is {got.dtype}'
+          f'{list(got.shape)}, the config compiled the step for {np.dtype(want.dtype)}{list(local)} '
+          f'(data.num_frames={data_config.num_frames}, data.image_size={data_config.image_size}); set them to '
+          "the dataset's clip length and size")
 
 
 def device_batch(batch: dict) -> dict:
