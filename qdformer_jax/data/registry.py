@@ -66,7 +66,7 @@ def open_source(data_config, split: str):
   if spec.build_on_first_use:
     overrides = dict(image_size=int(data_config.image_size), num_frames=int(data_config.num_frames))
     overrides.update(dict(data_config.get('synthetic', None) or {}))
-    builder = module.build(data_config.builder_config, data_config.data_dir, **overrides)
+    builder = module.build(data_config.builder_config, data_config.data_dir, quiet=True, **overrides)
   else:
     import tensorflow_datasets as tfds
     builder = tfds.builder(f'{spec.name}/{data_config.builder_config}', data_dir=data_config.data_dir)

@@ -12,9 +12,13 @@ on its own. The records are `qdformer_jax.data.records.clip_features(T)`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -169,12 +173,29 @@ class SyntheticAvs(tfds.core.GeneratorBasedBuilder):
       yield example['clip_id'], example
 
 
-def build(config_name: str, data_dir: str, **overrides: Any) -> SyntheticAvs:
+def build(config_name: str, data_dir: str, *, quiet: bool = False, **overrides: Any) -> SyntheticAvs:
   """The `SyntheticAvs` builder of ``config_name`` (with ``overrides``), built on first use.
 
-  Idempotent: when the dataset already exists under ``data_dir`` it is reused as is.
+  Idempotent: when the dataset already exists under ``data_dir`` it is reused as is. ``quiet``: no
+  TFDS progress bars or banner (the training loop logs one line before and after instead).
   """
   builder = SyntheticAvs(config=make_config(config_name, **overrides), data_dir=data_dir,
                          file_format='array_record')
-  builder.download_and_prepare()
+  if builder.is_prepared():
+    return builder
+  if not quiet:
+    builder.download_and_prepare()
+    return builder
+  sizes = builder.builder_config.split_sizes()
+  logging.info('building %s/%s under %s (first use: %d clips) ...', builder.name, config_name, data_dir,
+               sum(sizes.values()))
+  started = time.perf_counter()
+  shown = getattr(tfds.core.utils.tqdm_utils, '_active', True)  # TFDS has no public getter
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its banner with print()
+      builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(shown)
+  logging.info('built %s in %.0f s', builder.data_dir, time.perf_counter() - started)
   return builder
