@@ -61,11 +61,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.optim.update(learning_rate=5e-4, backbone_lr_mult=1.0, weight_decay=1e-4, grad_clip=1.0, warmup_steps=50)
   c.batch_size = 8
   c.eval_batch_size = 16
-  c.total_steps = 2200
-  c.lr_drop_steps = (1800,)
+  c.total_steps = 1600
+  c.lr_drop_steps = (1300,)
   c.log_every = 50
   c.eval_every = 400
-  c.checkpoint_every = 200
+  c.checkpoint_every = 400       # the saves coincide with the evaluations
   if args['smoke']:
     common.apply_smoke(c)
     c.data.synthetic = {'train_clips': 16, 'validation_clips': 8, 'test_clips': 8}
