@@ -49,10 +49,10 @@ def test_default_job_learns_from_frames_and_audio(tmp_path):
     use = json.load(f)['metrics']['mIoU']
   with open(reports.report_path(workdir, 'segmentation', 'val', STEPS)) as f:
     trained = json.load(f)['metrics']['mIoU']
-  print(f'val mIoU at step {STEPS}: {trained:.4f}; matched {use["matched"]:.4f}, shuffled audio '
-        f'{use["shuffled"]:.4f}, drop {use["matched"] - use["shuffled"]:.4f}')
-  assert abs(use['matched'] - trained) < 1e-6  # eval mode restored the trained step
+  print(f'val mIoU at step {STEPS}: {trained:.4f}; matched {use["matched_audio"]:.4f}, shuffled audio '
+        f'{use["shuffled_audio"]:.4f}, drop {use["drop"]:.4f}')
+  assert abs(use['matched_audio'] - trained) < 1e-6  # eval mode restored the trained step
+  assert abs(use['drop'] - (use['matched_audio'] - use['shuffled_audio'])) < 1e-6
   assert trained >= FLOOR, f'the default job no longer learns: val mIoU {trained:.4f} < {FLOOR} at step {STEPS}'
-  assert use['matched'] - use['shuffled'] >= MARGIN, (
-      f'the model no longer uses the audio: another clip\'s audio costs {use["matched"] - use["shuffled"]:.4f} '
-      f'mIoU (< {MARGIN})')
+  assert use['drop'] >= MARGIN, (
+      f"the model no longer uses the audio: another clip's audio costs {use['drop']:.4f} mIoU (< {MARGIN})")
