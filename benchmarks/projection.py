@@ -79,8 +79,11 @@ def pipeline_rates(path: str, seconds: float) -> dict:
   """{dataset: clips/s per core} from benchmarks/input_pipeline.py's 'direct train' rows."""
   if not path:
     path = os.path.join(tempfile.mkdtemp(prefix='qdformer_projection_'), 'pipeline.json')
-    subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'input_pipeline.py'),
-                    '--seconds', str(seconds), '--json', path], check=True, stdout=subprocess.DEVNULL)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'input_pipeline.py'),
+                          '--seconds', str(seconds), '--json', path], capture_output=True, text=True)
+    if run.returncode:
+      sys.stderr.write(run.stderr[-4000:])
+      raise RuntimeError(f'benchmarks/input_pipeline.py failed (exit {run.returncode})')
   with open(path) as f:
     rows = json.load(f)['rows']
   return {r['dataset']: r['clips_per_s'] for r in rows if r['mode'] == 'direct train'}
