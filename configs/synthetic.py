@@ -8,7 +8,8 @@ Arguments after ':' (comma-separated): 'smoke'; 'single' | 'multi' | 'semantic' 
 (builder config; 'semantic_hard': sources sounding together, classes sharing partials, several
 off-screen sources, noise bursts, so that one frame's audio no longer names its classes on its own);
 unknown words are an error that lists the allowed ones.
-The model is narrow and the frames small so that ~15 minutes on 2 CPU cores learn the task.
+The model is narrow and the frames small: on 2 CPU cores the default job reaches val mIoU 0.5 in ~4 min
+and ends at 0.62 in ~7 min, dataset build and compile included (README, "The default job").
 """
 from __future__ import annotations
 
