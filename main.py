@@ -24,6 +24,11 @@ flags.DEFINE_bool('debug', False, 'Show the traceback of errors a user can cause
 config_flags.DEFINE_config_file('config', None, 'Task config file (configs/*.py[:args]).', lock_config=True)
 
 
+def _debug_requested(argv) -> bool:
+  """--debug / --debug=true|1 on the command line (read before absl has parsed it)."""
+  return any(a == '--debug' or a.lower() in ('--debug=true', '--debug=1') for a in argv)
+
+
 def parse_flags(argv):
   """absl's flag parsing, but a bad flag or config argument is one line (the error, not the traceback
   ml_collections wraps it in), exit code 2; --debug keeps the whole message."""
@@ -31,13 +36,13 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if '--debug' in argv or not lines:
+    if _debug_requested(argv) or not lines:
       raise
     print(f'error: {lines[-1]}', file=sys.stderr)
     print('(see --helpshort for the flags; rerun with --debug for the traceback)', file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config does not have
-    if '--debug' in argv:
+    if _debug_requested(argv):
       raise
     text = str(e).replace('\\n', ' ')
     name = re.search(r"'\\?'?([\w.]+)", text)

@@ -16,9 +16,10 @@ def test_smoke_run_console_is_short_and_ends_with_the_summary(tmp_path):
        f'--config.data.data_dir={tmp_path / "tfds"}'],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-  # The dataset build's progress bars (TFDS, first use only) are the only lines from elsewhere.
-  ours = [line for line in lines if 'examples/s' not in line and 'splits' not in line and '%|' not in line]
+  ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+  # The first-use dataset build is two lines of ours, no TFDS banner or progress bars.
+  assert not any('examples/s' in line or '%|' in line or 'Downloading and preparing' in line for line in ours)
+  assert sum(line.split(maxsplit=1)[1].startswith(('building synthetic_avs', 'built ')) for line in ours) == 2
   assert len(ours) <= 30, '\n'.join(ours)
   for noise in ('Closing _NonBlockingMetadataStore', 'async_io', 'atomicity', 'xla_bridge'):
     assert not any(noise in line for line in ours), noise
@@ -44,3 +45,12 @@ def test_unknown_config_field_is_one_line(tmp_path):
   assert proc.returncode == 2
   assert "the config has no field 'hiden_dim' (named by a --config.* override); did you mean 'hidden_dim'" in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_debug_true_keeps_the_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config', 'configs/synthetic.py:smoke', '--workdir', str(tmp_path / 'w'),
+       '--config.model.hiden_dim=48', '--debug=true'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'Traceback' in proc.stderr and 'hiden_dim' in proc.stderr
