@@ -65,28 +65,20 @@ def configure(spec: str, dtype: str, remat: str, fsdp: int = 1):
   return config
 
 
-def abstract_batch(config, batch: int, sharding=None) -> dict:
-  import jax
-  import jax.numpy as jnp
-  t, s = int(config.data.num_frames), int(config.data.image_size)
-  shapes = {'frames': ((batch, t, s, s, 3), jnp.uint8), 'log_mel': ((batch, t, 96, 64), jnp.float32),
-            'semantic': ((batch, t, s, s), jnp.uint8), 'gt_valid': ((batch, t), bool),
-            'frame_valid': ((batch, t), bool)}
-  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, (shape, dt) in shapes.items()}
-
-
 def residual_bytes(config, batch: int) -> tuple[int, list]:
   """Bytes the forward pass of the loss saves for its backward pass (trained parameters differentiated)."""
   from flax import nnx
   from jax._src.ad_checkpoint import saved_residuals
 
+  from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.losses.criterion import compute_loss
   from qdformer_jax.models import build_model
   from qdformer_jax.training import optim
 
   model = nnx.eval_shape(lambda: build_model(config, 0))
   graphdef, params, rest = nnx.split(model, optim.trainable_filter(model), ...)
-  data = abstract_batch(config, batch)
+  data = pipeline.batch_spec(config.data, batch, sharding.make_mesh(config))
 
   def loss(params, rest, data):
     m = nnx.merge(graphdef, params, rest)
@@ -106,6 +98,7 @@ def measure_setting(spec: str, dtype: str, remat: str, batch: int, xla: bool, ti
 
   from benchmarks.model_cost import make_batch, memory_of
   from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.training import optim, train
 
   config = configure(spec, dtype, remat)
@@ -122,7 +115,7 @@ def measure_setting(spec: str, dtype: str, remat: str, batch: int, xla: bool, ti
   step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
   if xla:
     t0 = time.time()
-    compiled = step.lower(abstract_state, abstract_batch(config, batch, sharding.batch_sharding(mesh))).compile()
+    compiled = step.lower(abstract_state, pipeline.batch_spec(config.data, batch, mesh)).compile()
     out['xla'] = memory_of(compiled)
     out['xla_compile_seconds'] = round(time.time() - t0, 1)
     del compiled

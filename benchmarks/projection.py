@@ -56,9 +56,9 @@ def step_flops(spec: str) -> dict:
   """FLOPs of the config's whole train step (lowered program, XLA cost analysis) at its global batch."""
   import jax
 
-  from benchmarks.memory import abstract_batch
   from benchmarks.model_cost import load_config
   from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.training import train
 
   config = load_config(spec)
@@ -68,7 +68,7 @@ def step_flops(spec: str) -> dict:
   step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
   batch = int(config.batch_size)
   t0 = time.time()
-  lowered = step.lower(abstract_state, abstract_batch(config, batch, sharding.batch_sharding(mesh)))
+  lowered = step.lower(abstract_state, pipeline.batch_spec(config.data, batch, mesh))
   flops = float(lowered.cost_analysis()['flops'])
   return {'config': spec, 'batch': batch, 'frames': int(config.data.num_frames),
           'image_size': int(config.data.image_size), 'step_flops': flops, 'clip_flops': flops / batch,

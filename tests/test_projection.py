@@ -34,9 +34,9 @@ def test_lowered_step_flops_match_the_compiled_step():
   the compiled program's count agrees (XLA's fusions do not change the arithmetic)."""
   import jax
 
-  from benchmarks.memory import abstract_batch
   from benchmarks.model_cost import load_config
   from qdformer_jax import sharding
+  from qdformer_jax.data import pipeline
   from qdformer_jax.training import train
 
   spec = 'configs/synthetic.py:smoke'
@@ -46,8 +46,7 @@ def test_lowered_step_flops_match_the_compiled_step():
   mesh = sharding.make_mesh(config)
   graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
   step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
-  compiled = step.lower(abstract_state, abstract_batch(config, config.batch_size,
-                                                       sharding.batch_sharding(mesh))).compile()
+  compiled = step.lower(abstract_state, pipeline.batch_spec(config.data, config.batch_size, mesh)).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   assert measured['batch'] == config.batch_size
