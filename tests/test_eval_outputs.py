@@ -205,3 +205,22 @@ def test_shuffled_audio_evaluation_changes_what_the_model_hears(setup):
   assert shuffled['shuffle_audio'] and not plain['shuffle_audio']
   scores = lambda r: [r['threshold_sweep'][t]['mIoU'] for t in sorted(r['threshold_sweep'])]  # noqa: E731
   assert scores(plain) != scores(shuffled)
+
+
+def test_eval_results_carry_the_bottleneck_diagnostics(setup):
+  """Every evaluation of a decomposing model reports what its per-frame tokens and codes say about
+  the frame's sounding classes (evaluation/bottleneck.py), with values in their ranges."""
+  config, mesh, evaluator, state = setup
+  results = evaluator.run(state, 'val', threshold=0.5)
+  diag = results['bottleneck']
+  assert set(diag) == {'probe_r2_tokens', 'probe_r2_codes', 'slot_perplexity', 'code_class_mi'}
+  assert 1.0 <= diag['slot_perplexity'] <= config.model.codebook_size
+  assert np.isnan(diag['code_class_mi']) or 0.0 <= diag['code_class_mi'] <= 1.0 + 1e-9
+
+
+def test_train_log_lines_are_appended_and_read_back(tmp_path):
+  reports.append_train_log(str(tmp_path), 2, {'loss': 3.5, 'codebook_restarts': 0.5})
+  reports.append_train_log(str(tmp_path), 4, {'loss': 2.5})
+  reports.append_train_log(str(tmp_path), 4, {'loss': 2.0})   # after a resume: the later line wins
+  assert reports.read_train_log(str(tmp_path)) == {2: {'loss': 3.5, 'codebook_restarts': 0.5}, 4: {'loss': 2.0}}
+  assert reports.read_train_log(str(tmp_path / 'none')) == {}

@@ -18,6 +18,7 @@ from flax import nnx
 
 from qdformer_jax import sharding
 from qdformer_jax.data import pipeline
+from qdformer_jax.evaluation import bottleneck as bottleneck_lib
 from qdformer_jax.evaluation import metrics as metrics_lib
 from qdformer_jax.evaluation import postprocess
 
@@ -95,6 +96,12 @@ class Evaluator:
         new = accumulate(threshold)
         swept = jax.lax.map(accumulate, sweep)  # sequential: one [C]-histogram pass per threshold
       new = {'metrics': new, 'sweep': swept}
+      if outputs.get('bottleneck') is not None:
+        # What the decoder's queries know of the frame's sounding classes (bottleneck.py).
+        presence_ids = (batch['semantic'] > 0).astype(jnp.uint8) if binary else batch['semantic']
+        new['bottleneck'] = bottleneck_lib.accumulate(
+            outputs['bottleneck'], presence_ids, valid, num_classes=1 if binary else config.data.num_classes,
+            num_codes=model.num_codes)
       sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
       return sums, preds
 
@@ -156,6 +163,8 @@ class Evaluator:
       results['threshold_sweep'] = {
           f'{t:g}': metrics_lib.finalize(jax.tree.map(lambda x, i=i: x[i], sums['sweep']))
           for i, t in enumerate(self.sweep)}
+    if 'bottleneck' in sums:
+      results['bottleneck'] = bottleneck_lib.finalize(sums['bottleneck'])
     if noise_snr is not None:
       results['noise_snr_db'] = float(noise_snr)
     logging.debug('eval %s: %s', split, {k: v for k, v in results.items() if isinstance(v, float)})

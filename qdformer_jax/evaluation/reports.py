@@ -41,6 +41,33 @@ def report_path(workdir: str, kind: str, split: str, step) -> str:
   return os.path.join(workdir_lib.reports_dir(workdir), report_stem(kind, split, step) + '.json')
 
 
+TRAIN_LOG = 'train_log.jsonl'
+
+
+def append_train_log(workdir: str, step: int, means: dict) -> None:
+  """Appends one line {"step": …, metric: mean over the interval} to DIR/reports/train_log.jsonl
+  (process 0): the progress lines' numbers, for scripts (after a resume, the later line of a step wins)."""
+  if jax.process_index() != 0:
+    return
+  out = workdir_lib.reports_dir(workdir)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, TRAIN_LOG), 'a') as f:
+    f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in means.items()}}) + '\n')
+
+
+def read_train_log(workdir: str) -> dict[int, dict]:
+  """step -> the metrics of DIR/reports/train_log.jsonl (empty when there is none)."""
+  path = os.path.join(workdir_lib.reports_dir(workdir), TRAIN_LOG)
+  rows = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          rows[int(row.pop('step'))] = row
+  return rows
+
+
 def make_writer(workdir: str):
   from tensorboardX import SummaryWriter
   return SummaryWriter(workdir_lib.tensorboard_dir(workdir))

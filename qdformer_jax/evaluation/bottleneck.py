@@ -1,0 +1,108 @@
+"""Does the bottleneck carry the audio? Diagnostics of the per-frame tokens the decoder queries come from.
+
+Accumulated on the device in the eval step (sums across batches, like the metrics), finalized on the
+host. For every valid frame: its sounding classes y ∈ {0,1}^C (the classes present in its ground
+truth), the N continuous tokens the decoder queries are made from (local tokens, or the global tokens
+where there is no local calibration, or the baseline's audio-conditioned queries) and, for quantized
+models, their N code indices.
+
+  slot_perplexity   mean over slots of the perplexity of each slot's code histogram (1: every slot
+                    keeps one code whatever it hears; slot identity alone gives 1 here, N pooled)
+  code_class_mi     mean over classes c of max over slots n of I(code_n; y_c) / H(y_c): the fraction
+                    of the uncertainty about "does c sound in this frame" that the best slot's code
+                    removes (plug-in estimate from the histograms)
+  probe_r2_codes    held-out R² of a ridge probe from the one-hot codes (N·K features) to y
+  probe_r2_tokens   the same probe from the continuous tokens (N·d features): what the codes could say
+
+Probes are fitted on the frames of even batch rows and scored on the odd ones and the reverse (two
+folds, averaged), from the sufficient statistics XᵀX, XᵀY, YᵀY of each fold, so nothing but sums
+leaves the device.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RIDGE = 1e-3  # ridge strength relative to the mean diagonal of XᵀX
+
+
+def class_presence(semantic: jax.Array, num_classes: int) -> jax.Array:
+  """semantic ids [B,T,H,W] (0 background, 1..C classes) -> y [B,T,C] float (class c+1 present)."""
+  ids = jnp.arange(1, num_classes + 1, dtype=semantic.dtype)
+  return jnp.any(semantic[..., None] == ids, axis=(-3, -2)).astype(jnp.float32)
+
+
+def _fold_stats(x, y, w):
+  """XᵀX, XᵀY, YᵀY (with a bias column in X) over rows weighted by w (0 or 1)."""
+  x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1) * w[:, None]
+  yw = y * w[:, None]
+  return {'xx': x.T @ x, 'xy': x.T @ yw, 'yy': jnp.sum(yw * y, 0), 'y': jnp.sum(yw, 0), 'n': jnp.sum(w)}
+
+
+def accumulate(bottleneck: dict, semantic: jax.Array, valid: jax.Array, *, num_classes: int,
+               num_codes: int) -> dict:
+  """Sums of one eval batch. bottleneck: the model's ``bottleneck`` output ({'tokens' [B,T,N,d],
+  optional 'indices' [B,T,N]}); semantic [B,T,H,W]; valid [B,T] (frames with ground truth)."""
+  tokens = bottleneck['tokens'].astype(jnp.float32)
+  b, t, n, d = tokens.shape
+  y = class_presence(semantic, num_classes).reshape(b * t, num_classes)
+  w = valid.reshape(b * t).astype(jnp.float32)
+  even = jnp.repeat((jnp.arange(b) % 2 == 0), t).astype(jnp.float32)
+  folds = (w * even, w * (1.0 - even))
+  x_tok = tokens.reshape(b * t, n * d)
+  sums = {'tokens': [_fold_stats(x_tok, y, f) for f in folds]}
+  if bottleneck.get('indices') is not None:
+    onehot = jax.nn.one_hot(bottleneck['indices'].reshape(b * t, n), num_codes, dtype=jnp.float32)  # [M,N,K]
+    sums['codes'] = [_fold_stats(onehot.reshape(b * t, n * num_codes), y, f) for f in folds]
+    # Joint histogram per slot of (code, class present) and the code histogram: [N,K,C], [N,K].
+    weighted = onehot * w[:, None, None]
+    sums['code_class'] = jnp.einsum('mnk,mc->nkc', weighted, y)
+    sums['code_count'] = jnp.sum(weighted, 0)
+  return sums
+
+
+def _probe_r2(folds) -> float:
+  """Two-fold held-out R² (pooled over classes) of a ridge probe, from each fold's statistics."""
+  sse = sst = 0.0
+  for fit, score in ((folds[0], folds[1]), (folds[1], folds[0])):
+    xx, xy = np.asarray(fit['xx'], np.float64), np.asarray(fit['xy'], np.float64)
+    if float(fit['n']) < 1 or float(score['n']) < 1:
+      return float('nan')
+    ridge = RIDGE * max(float(np.mean(np.diag(xx))), 1e-12)
+    w = np.linalg.solve(xx + ridge * np.eye(xx.shape[0]), xy)
+    sxx, sxy = np.asarray(score['xx'], np.float64), np.asarray(score['xy'], np.float64)
+    syy, sy, n = np.asarray(score['yy'], np.float64), np.asarray(score['y'], np.float64), float(score['n'])
+    sse += float(np.sum(w * (sxx @ w)) - 2.0 * np.sum(w * sxy) + np.sum(syy))
+    sst += float(np.sum(syy - sy ** 2 / n))
+  return 1.0 - sse / sst if sst > 0 else float('nan')
+
+
+def _entropy(p):
+  p = np.clip(p, 1e-12, 1.0)
+  return -np.sum(p * np.log2(p), axis=-1)
+
+
+def finalize(sums: dict) -> dict:
+  """The host-side figures of the module docstring from the accumulated sums."""
+  sums = jax.device_get(sums)
+  out = {'probe_r2_tokens': _probe_r2(sums['tokens'])}
+  if 'codes' not in sums:
+    return out
+  out['probe_r2_codes'] = _probe_r2(sums['codes'])
+  count = np.asarray(sums['code_count'], np.float64)          # [N,K]
+  joint_pos = np.asarray(sums['code_class'], np.float64)     # [N,K,C]: code k and class c present
+  total = count.sum(-1, keepdims=True)                       # [N,1] valid frames
+  probs = count / np.maximum(total, 1.0)
+  out['slot_perplexity'] = float(np.mean(2.0 ** _entropy(probs)))
+  # I(code_n; y_c) = H(y_c) - Σ_k p(k) H(y_c | k), per slot n and class c.
+  p_c = joint_pos.sum(1) / np.maximum(total, 1.0)            # [N,C] P(y_c = 1)
+  h_c = _entropy(np.stack([p_c, 1 - p_c], -1))               # [N,C]
+  p_c_given_k = joint_pos / np.maximum(count[..., None], 1.0)
+  h_c_given_k = _entropy(np.stack([p_c_given_k, 1 - p_c_given_k], -1))  # [N,K,C]
+  mi = h_c - np.sum(probs[..., None] * h_c_given_k, axis=1)  # [N,C]
+  with np.errstate(invalid='ignore', divide='ignore'):
+    normalized = np.where(h_c > 1e-9, mi / h_c, np.nan)
+  best = np.nanmax(normalized, axis=0) if np.any(np.isfinite(normalized)) else np.full(normalized.shape[1], np.nan)
+  out['code_class_mi'] = float(np.nanmean(best)) if np.any(np.isfinite(best)) else float('nan')
+  return out
