@@ -41,6 +41,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.codebook_size = 128
   c.model.vq_normalize = False     # True: cosine codebook (tokens and codes on a sphere)
   c.model.vq_restart_dead = False  # True: move dead codewords onto batch tokens (in the train step)
+  # The bottleneck's remedies (docs/DESIGN.md §1.6; the ablation runner's variants measure each):
+  c.model.quantizer = 'vq'         # vq: learned codebook (paper) | fsq: finite scalar quantization
+  c.model.fsq_levels = (4, 4, 2)   # fsq: levels per channel (K = their product)
+  c.model.vq_gradient = 'ste'      # ste: identity straight-through (paper) | rotation: rotation trick
+  c.model.vq_ema_decay = 0.0       # > 0: EMA codebook of the assigned global tokens (VQ-VAE-2)
+  c.model.vq_warmup_steps = 0      # > 0: continuous for this many steps, then a k-means codebook
+  c.model.local_audio_tokens = False   # local ASD attends over the audio encoder's time-frequency map
+  c.model.query_pos_from_token = False  # decoder query positions computed from the quantized token
   c.model.num_feature_levels = 4
   c.model.encoder = ml_collections.ConfigDict(dict(layers=4, heads=8, points=4, ffn_dim=2048, dropout=0.1))
   c.model.audio = ml_collections.ConfigDict(dict(
@@ -67,6 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       cls_weight=2.0, l1_weight=5.0, giou_weight=2.0, mask_weight=2.0, dice_weight=5.0,
       focal_alpha=0.25, focal_gamma=2.0, mask_loss='bce', quant_weight=0.5, commit_weight=0.25,
       quant_reduction='sum',  # 'sum': Eq. 9 literally; 'mean': divided by d (F.mse_loss style)
+      slot_entropy_weight=0.0, slot_entropy_temperature=0.1,  # slot-conditioned code entropy term
       aux_loss=True))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -115,14 +115,20 @@ def check_contract(outputs, config, *, with_vq: bool, with_local: bool = True):
       assert np.all(np.isfinite(layer[key])), key
     assert np.all((layer['pred_boxes'] >= 0) & (layer['pred_boxes'] <= 1))
   vq = outputs['vq']
+  # The bottleneck output (docs/DESIGN.md §1.3): the per-frame tokens the queries come from, and their
+  # codes when quantized.
+  assert outputs['bottleneck']['tokens'].shape == (B, T, n, d)
+  assert ('indices' in outputs['bottleneck']) == with_vq
   if not with_vq:
     assert vq is None
     return
+  assert outputs['bottleneck']['indices'].shape == (B, T, n)
   k = config.model.codebook_size
   expected = {'global_tokens': (B, n, d), 'global_codes': (B, n, d), 'global_indices': (B, n),
-              'local_valid': (B, T)}
+              'global_sqdist': (B, n, k), 'local_valid': (B, T)}
   if with_local:
-    expected.update(local_tokens=(B, T, n, d), local_codes=(B, T, n, d), local_indices=(B, T, n))
+    expected.update(local_tokens=(B, T, n, d), local_codes=(B, T, n, d), local_indices=(B, T, n),
+                    local_sqdist=(B, T, n, k))
   assert set(vq) == set(expected)
   for key, shape in expected.items():
     assert vq[key].shape == shape, key

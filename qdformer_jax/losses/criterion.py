@@ -17,7 +17,8 @@
   the object present in the global batch (the DETR/ReferFormer ``num_boxes``), at least 1. The sums
   run over the whole batch axis, so under jax.jit on a batch sharded over devices they are global
   and the loss does not depend on the device count;
-- L_quant (Eq. 9) when the model's ``vq`` output is not None.
+- L_quant (Eq. 9) when the model's ``vq`` output is not None;
+- with ``slot_entropy_weight`` > 0, the slot-conditioned code entropy term (``slot_entropy_loss``).
 
 Each term is multiplied by its weight from a single table (``loss_weights``) and returned under
 ``loss_{name}[_aux_{i}]``; the total loss is their sum. Diagnostics (unweighted, not in the loss):
@@ -53,6 +54,8 @@ class LossConfig:
   quant_weight: float = 0.5
   commit_weight: float = 0.25
   quant_reduction: str = 'sum'
+  slot_entropy_weight: float = 0.0
+  slot_entropy_temperature: float = 0.1
   aux_loss: bool = True
 
 
@@ -93,6 +96,7 @@ def loss_weights(config: LossConfig) -> dict[str, float]:
       'mask': config.mask_weight,
       'dice': config.dice_weight,
       'quant': config.quant_weight,
+      'slot_entropy': config.slot_entropy_weight,
   }
 
 
@@ -120,6 +124,28 @@ def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   numerator = 2.0 * jnp.sum(probs * targets, axis=(-2, -1)) + 1.0
   denominator = jnp.sum(probs, axis=(-2, -1)) + jnp.sum(targets, axis=(-2, -1)) + 1.0
   return 1.0 - numerator / denominator
+
+
+def slot_entropy_loss(sqdist: jax.Array, valid: jax.Array, temperature: float, dim: int) -> jax.Array:
+  """Slot-conditioned code entropy: mean over slots of E[H(p(k | token))] − H(E[p(k | token)]).
+
+  sqdist [..., N, K]: squared distances of each slot's tokens to the K codewords (leading axes: the
+  clips / frames, pooled per slot over ``valid`` [...]); p = softmax(−sqdist / (2·dim·τ)) (for tokens
+  and codes on the √dim sphere sqdist / 2·dim = 1 − cos). Minimising it makes each token choose one code
+  confidently and each slot spread its choices over the codebook across clips and frames. The
+  unconditioned version (the entropy of the code histogram pooled over slots) is already high when
+  every slot keeps one constant code, so it cannot ask the codes to follow the audio; this one can.
+  """
+  logp = jax.nn.log_softmax(-sqdist.astype(jnp.float32) / (2.0 * dim * temperature), axis=-1)
+  p = jnp.exp(logp)
+  n = sqdist.shape[-2]
+  w = valid.reshape(-1, 1, 1).astype(jnp.float32)
+  p, logp = p.reshape(-1, n, p.shape[-1]) * w, logp.reshape(-1, n, p.shape[-1])
+  count = jnp.maximum(jnp.sum(w), 1.0)
+  token_entropy = -jnp.sum(p * logp) / (count * n)
+  marginal = jnp.sum(p, axis=0) / count                                    # [N, K]
+  marginal_entropy = -jnp.mean(jnp.sum(marginal * jnp.log(marginal + 1e-10), -1))
+  return token_entropy - marginal_entropy
 
 
 def quantization_loss(vq: Mapping[str, jax.Array], commit_weight: float,
@@ -299,8 +325,17 @@ def compute_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], loss_conf
     local_valid = vq.get('local_valid', batch['frame_valid'])
     quant, diagnostics = quantization_loss(vq, config.commit_weight,
                                            jnp.asarray(local_valid).astype(bool), config.quant_reduction)
-    terms['loss_quant'] = weights['quant'] * quant
+    active = vq.get('active', 1.0)  # 0 during the continuous warm-up (model.vq_warmup_steps)
+    terms['loss_quant'] = weights['quant'] * quant * active
     terms.update(diagnostics)
+    if config.slot_entropy_weight > 0 and vq.get('global_sqdist') is not None:
+      dim = vq['global_tokens'].shape[-1]
+      entropy = slot_entropy_loss(vq['global_sqdist'], jnp.ones(vq['global_sqdist'].shape[:1], bool),
+                                  config.slot_entropy_temperature, dim)
+      if vq.get('local_sqdist') is not None:
+        entropy = entropy + slot_entropy_loss(vq['local_sqdist'], jnp.asarray(local_valid).astype(bool),
+                                              config.slot_entropy_temperature, dim)
+      terms['loss_slot_entropy'] = weights['slot_entropy'] * entropy * active
 
   loss = sum(value for key, value in terms.items() if key.startswith('loss_'))
   terms['num_target_frames'] = num_target_frames

@@ -27,14 +27,27 @@ class SmallAudioNet(nnx.Module):
     for _ in self.convs:
       bands = -(-bands // 2)  # 'SAME' padding, stride 2
     self.fc = nnx.Linear(bands * chans[-1], 128, dtype=dtype, rngs=rngs)
+    frames = 96
+    for _ in self.convs:
+      frames = -(-frames // 2)
+    self.token_grid = (frames, bands)   # the time-frequency map before pooling (12 x 8 for 96 x 64)
+    self.token_channels = chans[-1]
 
-  def __call__(self, log_mel):
-    """log_mel [B, frames, bands] -> [B, 128]."""
+  def token_map(self, log_mel):
+    """log_mel [B, frames, bands] -> the conv map before pooling [B, frames', bands', 4w]."""
     x = log_mel[..., None]
     for conv in self.convs:
       x = jax.nn.relu(conv(x))
-    x = x.mean(axis=1)  # over time: [B, bands', C]
+    return x
+
+  def embed(self, feature_map):
+    """The map of ``token_map`` -> [B, 128]."""
+    x = feature_map.mean(axis=1)  # over time: [B, bands', C]
     return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
+
+  def __call__(self, log_mel):
+    """log_mel [B, frames, bands] -> [B, 128]."""
+    return self.embed(self.token_map(log_mel))
 
 
 def build_audio_encoder(config, *, dtype, rngs: nnx.Rngs) -> nnx.Module:

@@ -15,6 +15,10 @@ Data flow for a batch of B clips of T frames (d = hidden_dim, N = num_queries, K
 
 Ablation switches (paper Table 2): ``decomposition`` (False: the baseline whose decoder queries are
 prototypes plus the frame's audio feature), ``quantize``, ``avsr``, ``local_calibration``.
+Bottleneck options (docs/DESIGN.md §1.6): ``quantizer`` ('vq' | 'fsq'), ``vq_gradient`` ('ste' |
+'rotation'), ``vq_ema_decay``, ``local_audio_tokens`` (the local ASD attends over the audio encoder's
+time-frequency map instead of one pooled vector per frame), ``query_pos_from_token`` (decoder query
+positions and reference points computed from the quantized token, not learned per slot).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from qdformer_jax.models.audio import build_audio_encoder
 from qdformer_jax.models.backbones import build_backbone
 from qdformer_jax.models.deformable import DeformableDecoderLayer, DeformableEncoder, sine_position_embedding
 from qdformer_jax.models.layers import REMAT_POLICIES, check_remat, remat, resolve_dtype
-from qdformer_jax.models.quantizer import VectorQuantizer, codebook_usage
+from qdformer_jax.models.quantizer import FSQ, BottleneckStep, VectorQuantizer, codebook_usage, per_slot_perplexity
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,7 +167,16 @@ class QDFormer(nnx.Module):
                                       rngs=rngs)
     self.local_asd = SemanticDecoder(cfg.asd_layers, d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype,
                                      rngs=rngs)
-    self.quantizer = VectorQuantizer(cfg.codebook_size, d, normalize=bool(cfg.get('vq_normalize', False)), rngs=rngs)
+    kind = cfg.get('quantizer', 'vq')
+    if kind == 'fsq':
+      self.quantizer = FSQ(d, cfg.fsq_levels, dtype=dtype, rngs=rngs)
+    elif kind == 'vq':
+      self.quantizer = VectorQuantizer(cfg.codebook_size, d, normalize=bool(cfg.get('vq_normalize', False)),
+                                       gradient=cfg.get('vq_gradient', 'ste'),
+                                       ema_decay=float(cfg.get('vq_ema_decay', 0.0)), rngs=rngs)
+    else:
+      raise ValueError(f"model.quantizer must be 'vq' or 'fsq', got {kind!r}")
+    self.num_codes = self.quantizer.num_codes
     self.avsr_weights = modules.MLP(d, d, d, 2, dtype=dtype, rngs=rngs)
     self.avsr = nnx.List([AVSR(d, n, dtype=dtype, rngs=rngs) for _ in range(self.num_levels)])
     self.baseline_audio_query = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
@@ -189,6 +202,21 @@ class QDFormer(nnx.Module):
     self.refine_box_heads = nnx.List([
         modules.MLP(d, d, 4, 2, dtype=dtype, rngs=rngs, last_init=nnx.initializers.zeros)
         for _ in range(cfg.dec_layers - 1 if self.box_refine else 0)])
+    # Optional bottleneck modules, created after every other one so that switching them on leaves
+    # every other initial value unchanged.
+    self.local_audio_tokens = bool(cfg.get('local_audio_tokens', False))
+    if self.local_audio_tokens:
+      self.audio_token_proj = nnx.Linear(self.audio_encoder.token_channels, d, dtype=dtype, rngs=rngs)
+    self.query_pos_from_token = bool(cfg.get('query_pos_from_token', False))
+    if self.query_pos_from_token:
+      self.token_query_pos = modules.MLP(d, d, d, 2, dtype=dtype, rngs=rngs)
+    # Continuous warm-up: the first vq_warmup_steps train steps bypass the quantizer (the tokens learn
+    # to carry the audio first), then the codebook starts on a k-means of that step's tokens.
+    self.vq_warmup_steps = int(cfg.get('vq_warmup_steps', 0) or 0)
+    if self.vq_warmup_steps > 0:
+      if kind != 'vq':
+        raise ValueError('model.vq_warmup_steps needs the learned codebook (model.quantizer=\'vq\')')
+      self.bottleneck_step = BottleneckStep(jnp.zeros((), jnp.int32))
 
   # -- stages ----------------------------------------------------------------------------------------
   # ``__call__`` runs these in order; benchmarks/stages.py times and counts each one on its own.
@@ -215,17 +243,28 @@ class QDFormer(nnx.Module):
     return feats[0], self.encode_features(feats, train=train)
 
   def encode_audio(self, log_mel):
+    """log-mel [B,T,96,64] -> (F_a [B,T,d], per-frame audio tokens [B·T,h·w,d] or None).
+
+    The tokens (``local_audio_tokens``) are the audio encoder's time-frequency map before its pooling,
+    projected to d: what the local decomposition attends over instead of the one pooled vector."""
     b, t = log_mel.shape[:2]
-    emb = self.audio_encoder(log_mel.reshape(b * t, *log_mel.shape[2:]).astype(self.dtype))
-    if not self.config.audio.trainable:
-      emb = jax.lax.stop_gradient(emb)
-    return self.audio_proj(emb).reshape(b, t, -1)
+    x = log_mel.reshape(b * t, *log_mel.shape[2:]).astype(self.dtype)
+    frozen = (lambda v: v) if self.config.audio.trainable else jax.lax.stop_gradient
+    if not self.local_audio_tokens:
+      return self.audio_proj(frozen(self.audio_encoder(x))).reshape(b, t, -1), None
+    feature_map = self.audio_encoder.token_map(x)
+    emb = frozen(self.audio_encoder.embed(feature_map))
+    tokens = self.audio_token_proj(frozen(feature_map).reshape(b * t, -1, feature_map.shape[-1]))
+    return self.audio_proj(emb).reshape(b, t, -1), tokens
 
-  def decompose(self, memory_coarse, audio, frame_valid, *, train: bool):
+  def decompose(self, memory_coarse, audio, frame_valid, *, train: bool, audio_tokens=None):
     """Global fusion (Eq. 3), global ASD (Eq. 4), the codebook, the AVSR weights and the local tokens
-    (Eq. 6). memory_coarse: the stride-32 level [B·T,h,w,d]; audio F_a [B,T,d].
+    (Eq. 6). memory_coarse: the stride-32 level [B·T,h,w,d]; audio F_a [B,T,d]; audio_tokens
+    [B·T,S,d] (``local_audio_tokens``) or None.
 
-    Returns (AVSR weight tokens [B,N,d] or None, decoder queries [B,T,N,d], vq dict or None).
+    Returns (AVSR weight tokens [B,N,d] or None, decoder queries [B,T,N,d], vq dict or None,
+    bottleneck dict: the continuous per-frame tokens [B,T,N,d] the queries come from and, quantized,
+    their code indices [B,T,N]).
     """
     cfg = self.config
     b, t, d = audio.shape
@@ -234,7 +273,8 @@ class QDFormer(nnx.Module):
     prototypes = jnp.broadcast_to(self.prototypes[...].astype(self.dtype), (b, n, d))
     if not cfg.decomposition:
       # Table 2 baseline: no decomposition; the queries are the prototypes conditioned on the frame's audio.
-      return None, prototypes[:, None] + self.baseline_audio_query(audio)[:, :, None, :], None
+      queries = prototypes[:, None] + self.baseline_audio_query(audio)[:, :, None, :]
+      return None, queries, None, {'tokens': queries}
     vq = None
     # Eq. 3: global fusion with the stride-32 level of all T frames.
     level = memory_coarse
@@ -246,9 +286,13 @@ class QDFormer(nnx.Module):
     fused = self.fusion(audio, audio_pos, visual, visual_pos, visual_mask, train=train)
     # Eq. 4: global semantic tokens, quantized with the shared codebook.
     g = self.global_asd(prototypes, fused, audio_pos, frame_valid, train=train)
+    active = None
     if cfg.quantize:
       gq = self.quantizer(g)
       g, e = gq['tokens'], gq['quantized']
+      if self.vq_warmup_steps > 0:
+        active = self.bottleneck_step[...] >= self.vq_warmup_steps
+        e = jnp.where(active, e, g)
     else:
       e = g
     w_tokens = None
@@ -256,22 +300,42 @@ class QDFormer(nnx.Module):
       w_tokens = self.avsr_weights(e if cfg.avsr_input == 'quantized' else g)
     # Eq. 6: local tokens per frame from the frame's audio feature, committed to the frozen codebook.
     if cfg.local_calibration:
-      frame_audio = audio.reshape(b * t, 1, d)
-      local = self.local_asd(jnp.repeat(prototypes, t, axis=0), frame_audio, None, None, train=train)
+      if audio_tokens is None:
+        frame_audio, frame_pos = audio.reshape(b * t, 1, d), None
+      else:
+        hw = self.audio_encoder.token_grid
+        frame_audio = audio_tokens
+        frame_pos = jnp.broadcast_to(sine_position_embedding(*hw, d).astype(self.dtype).reshape(1, -1, d),
+                                     audio_tokens.shape)
+      local = self.local_asd(jnp.repeat(prototypes, t, axis=0), frame_audio, frame_pos, None, train=train)
       local = local.reshape(b, t, n, d)
       if cfg.quantize:
         lq = self.quantizer(local, update_codebook=False)
         local, queries = lq['tokens'], lq['quantized']
+        if active is not None:
+          queries = jnp.where(active, queries, local)
       else:
         queries = local
+      bottleneck = {'tokens': local}
+      if cfg.quantize:
+        bottleneck['indices'] = lq['indices']
     else:
       queries = jnp.broadcast_to(e[:, None], (b, t, n, d))
+      bottleneck = {'tokens': jnp.broadcast_to(g[:, None], (b, t, n, d))}
+      if cfg.quantize:
+        bottleneck['indices'] = jnp.broadcast_to(gq['indices'][:, None], (b, t, n))
     if cfg.quantize:
       vq = {'global_tokens': g, 'global_codes': gq['codes'], 'global_indices': gq['indices'],
             'local_valid': frame_valid}
+      if 'sqdist' in gq:
+        vq['global_sqdist'] = gq['sqdist']
+      if active is not None:
+        vq['active'] = active.astype(jnp.float32)  # the loss drops Eq. 9 while the bottleneck is open
       if cfg.local_calibration:
         vq.update(local_tokens=local, local_codes=lq['codes'], local_indices=lq['indices'])
-    return w_tokens, queries, vq
+        if 'sqdist' in lq:
+          vq['local_sqdist'] = lq['sqdist']
+    return w_tokens, queries, vq, bottleneck
 
   def recombine(self, memory, w_tokens, *, train: bool):
     """Eq. 5, AVSR at every encoder level (memory unchanged when ``w_tokens`` is None)."""
@@ -288,8 +352,9 @@ class QDFormer(nnx.Module):
     if frame_valid is None:
       frame_valid = jnp.ones((b, t), bool)
     c2, memory = self.encode_visual(frames, train=train)
-    audio = self.encode_audio(log_mel)                                   # F_a [B,T,d]
-    w_tokens, queries, vq = self.decompose(memory[2], audio, frame_valid, train=train)
+    audio, audio_tokens = self.encode_audio(log_mel)                     # F_a [B,T,d]
+    w_tokens, queries, vq, bottleneck = self.decompose(memory[2], audio, frame_valid, train=train,
+                                                       audio_tokens=audio_tokens)
     memory = self.recombine(memory, w_tokens, train=train)
     mask_features = self.fpn(memory[:3], c2)                             # [BT,H/4,W/4,mask_dim]
     outputs = self.decode(queries.reshape(b * t, n, d), memory, mask_features, train=train)
@@ -297,6 +362,7 @@ class QDFormer(nnx.Module):
     final = outputs[-1]
     final['aux_outputs'] = tuple(outputs[:-1])
     final['vq'] = vq
+    final['bottleneck'] = bottleneck
     return final
 
   def train_diagnostics(self, outputs: dict, key: jax.Array) -> dict:
@@ -309,20 +375,35 @@ class QDFormer(nnx.Module):
     vq = outputs.get('vq')
     if vq is None:
       return {}
-    num_codes = self.config.codebook_size
+    num_codes = self.num_codes
     usage = codebook_usage(vq['global_indices'], num_codes)
     metrics = {'codebook_perplexity': usage['perplexity'], 'codebook_dead_codes': usage['dead_codes']}
     tokens, indices = vq['global_tokens'].reshape(-1, vq['global_tokens'].shape[-1]), vq['global_indices']
+    if self.vq_warmup_steps > 0:
+      step = self.bottleneck_step[...] + 1
+      self.bottleneck_step[...] = step
+      candidates = [tokens]
+      if vq.get('local_tokens') is not None:
+        candidates.append(vq['local_tokens'].reshape(-1, tokens.shape[-1]))
+      start = jnp.concatenate(candidates)
+      nnx.cond(step == self.vq_warmup_steps,
+               lambda q: q.kmeans_init(start, jax.random.fold_in(key, 1)), lambda q: None, self.quantizer)
+    if isinstance(self.quantizer, VectorQuantizer) and self.quantizer.ema_decay > 0:
+      # The EMA codebook follows the global tokens (the codebook term of Eq. 9, as an average).
+      self.quantizer.ema_update(tokens, indices)
     if vq.get('local_indices') is not None:
       local = codebook_usage(vq['local_indices'], num_codes,
                              jnp.broadcast_to(vq['local_valid'][..., None], vq['local_indices'].shape))
       metrics['codebook_local_perplexity'] = local['perplexity']
+      # Per slot: slot identity alone gives 1 (the pooled figure above gets N from it).
+      metrics['codebook_local_slot_perplexity'] = per_slot_perplexity(vq['local_indices'], num_codes,
+                                                                      vq['local_valid'])
       # Restart candidates include the local tokens: a restart is not a gradient step (the codebook
       # is still trained only by Eq. 9's first term), and codewords where the local tokens are keep
       # the per-frame audio from collapsing onto one code.
       tokens = jnp.concatenate([tokens, vq['local_tokens'].reshape(-1, tokens.shape[-1])])
       indices = jnp.concatenate([indices.reshape(-1), vq['local_indices'].reshape(-1)])
-    if self.config.get('vq_restart_dead', False):
+    if self.config.get('vq_restart_dead', False) and isinstance(self.quantizer, VectorQuantizer):
       metrics['codebook_restarts'] = self.quantizer.restart_dead_codes(tokens, indices, key)
     return metrics
 
@@ -331,7 +412,12 @@ class QDFormer(nnx.Module):
     m, n, d = queries.shape
     shapes = tuple((x.shape[1], x.shape[2]) for x in memory)
     flat = jnp.concatenate([x.reshape(m, -1, d) for x in memory], axis=1)
-    query_pos = jnp.broadcast_to(self.query_pos[...].astype(self.dtype), (m, n, d))
+    if self.query_pos_from_token:
+      # Eq. 7 read literally: where a query looks is a function of its (quantized) token, so the
+      # decoder has no per-slot learned query to segment from the frames alone.
+      query_pos = self.token_query_pos(queries)
+    else:
+      query_pos = jnp.broadcast_to(self.query_pos[...].astype(self.dtype), (m, n, d))
     reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))   # [M,N,2]
     tgt = queries
     outputs = []

@@ -47,7 +47,14 @@ class VGGish(nnx.Module):
     for name, fin, fout in VGGISH_FCS:
       setattr(self, name, nnx.Linear(fin, fout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs))
 
+  token_grid = (NUM_FRAMES // 16, NUM_BANDS // 16)  # the last conv map: 6 x 4 (time x frequency)
+  token_channels = 512
+
   def __call__(self, log_mel: jax.Array) -> jax.Array:
+    return self.embed(self.token_map(log_mel))
+
+  def token_map(self, log_mel: jax.Array) -> jax.Array:
+    """log-mel -> the last conv map [B, 6, 4, 512] (before the flatten and the FCs)."""
     x = log_mel
     if x.ndim == 3:
       x = x[..., None]
@@ -59,7 +66,11 @@ class VGGish(nnx.Module):
       x = jax.nn.relu(getattr(self, name)(x))
       if pool:
         x = max_pool(x, 2, 2)
-    x = x.reshape(x.shape[0], -1)  # NHWC flatten, as TF / torchvggish
+    return x
+
+  def embed(self, feature_map: jax.Array) -> jax.Array:
+    """The map of ``token_map`` -> the 128-d embedding."""
+    x = feature_map.reshape(feature_map.shape[0], -1)  # NHWC flatten, as TF / torchvggish
     for name, _, _ in VGGISH_FCS:
       x = jax.nn.relu(getattr(self, name)(x))
     return x
