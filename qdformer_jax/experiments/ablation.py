@@ -47,6 +47,14 @@ VARIANTS: dict[str, dict] = {
                 'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
     # Is the quantized models' gap the size of the bottleneck? The paper's K = 128 instead of 32.
     'codebook_128': {'model.codebook_size': 128},
+    # Remedies for a bottleneck that drops the audio (docs/DESIGN.md §1.6), one change each on `full`:
+    'rotation': {'model.vq_gradient': 'rotation'},                           # rotation trick
+    'ema': {'model.vq_ema_decay': 0.99},                                      # EMA codebook
+    'fsq': {'model.quantizer': 'fsq', 'loss.quant_weight': 0.0},             # FSQ, 4x4x2 = 32 codes
+    'slot_entropy': {'loss.slot_entropy_weight': 0.1},                        # per-slot code entropy
+    'audio_tokens': {'model.local_audio_tokens': True},                       # local ASD: many keys
+    'token_pos': {'model.query_pos_from_token': True},                        # no audio-free queries
+    'warmup_kmeans': {'model.vq_warmup_steps': 200},                          # continuous, then k-means
 }
 TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
 PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
@@ -54,7 +62,14 @@ ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition 
        'qsd': 'row 4: Q-based-SD', 'qsd_avsr': 'row 5: + AVSR', 'full': 'row 6: + LC (full)',
        'plain_codebook': 'recipe: plain L2 codebook, no restarts', 'eq9_sum': 'recipe: Eq. 9 summed over d',
        'focal': 'recipe: focal class loss (α .25, γ 2)', 'literal': 'recipe: all three (paper-literal)',
-       'codebook_128': 'full with the paper\'s K = 128 codes (not 32)'}
+       'codebook_128': 'full with the paper\'s K = 128 codes (not 32)',
+       'rotation': 'full + rotation trick', 'ema': 'full + EMA codebook (0.99)',
+       'fsq': 'full with FSQ (4x4x2) for the codebook', 'slot_entropy': 'full + slot entropy term (0.1)',
+       'audio_tokens': 'full, local ASD over the audio map', 'token_pos': 'full, query pos from token',
+       'warmup_kmeans': 'full, 200 continuous steps, then k-means codebook'}
+# The bottleneck's diagnostics (evaluation/bottleneck.py) of the test report, as table columns.
+DIAGNOSTICS = (('slot_perplexity', 'slot ppl'), ('code_class_mi', 'code MI'),
+               ('probe_r2_codes', 'probe codes'), ('probe_r2_tokens', 'probe tokens'))
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -130,11 +145,16 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   audio_use = report('audio_use', test_split, total)['metrics']
   test = report('segmentation', test_split, total)['metrics']
   metric = config.best_metric
+  log = reports_lib.read_train_log(workdir)
+  restarts = [row['codebook_restarts'] for row in log.values() if 'codebook_restarts' in row]
   return {
       'variant': variant, 'seed': seed, 'steps': total, 'workdir': workdir,
       'metric': metric, 'val_curve': {str(k): curve[k] for k in sorted(curve)},
       'test': test.get(metric), 'test_F': test.get('F'),
       'test_shuffled_audio': audio_use.get(metric, {}).get('shuffled_audio'),
+      'bottleneck': test.get('bottleneck', {}),
+      # Codeword churn: restarts per 100 steps (the log's per-step means, averaged over intervals).
+      'restarts_per_100': 100.0 * statistics.fmean(restarts) if restarts else None,
       'noise': {row['snr_db'] if isinstance(row['snr_db'], str) else f"{row['snr_db']:g}": row.get(metric)
                 for row in noise['table']},
       'seconds_this_invocation': round(seconds, 1),
@@ -153,8 +173,11 @@ def summarize(results: list[dict], variants, snrs) -> dict:
   summary = {}
   for v, runs in by.items():
     entry = {'n': len(runs)}
-    for key in ('test', 'test_shuffled_audio'):
-      entry[key] = _mean_std([r[key] for r in runs])
+    for key in ('test', 'test_shuffled_audio', 'restarts_per_100'):
+      entry[key] = _mean_std([r.get(key) for r in runs])
+    entry['drop'] = _mean_std([r['test'] - r['test_shuffled_audio'] for r in runs])
+    for key, _ in DIAGNOSTICS:
+      entry[key] = _mean_std([r.get('bottleneck', {}).get(key) for r in runs])
     entry['noise'] = {s: _mean_std([r['noise'].get(s) for r in runs]) for s in ['clean'] + [f'{x:g}' for x in snrs]}
     summary[v] = entry
   return summary
@@ -162,14 +185,24 @@ def summarize(results: list[dict], variants, snrs) -> dict:
 
 def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
   fmt = lambda ms: '–' if math.isnan(ms[0]) else f'{ms[0]:.3f} ± {ms[1]:.3f}'  # noqa: E731
+  fmt2 = lambda ms: '–' if math.isnan(ms[0]) else f'{ms[0]:.2f}'  # noqa: E731
   lines = [header, '',
-           f'| variant | what | test {metric} | with shuffled audio | ' + ' | '.join(f'SNR {s:g} dB' for s in snrs)
-           + ' | paper (AVSS) |', '|---' * (5 + len(snrs)) + '|']
+           f'| variant | what | test {metric} | with shuffled audio | drop | ' + ' | '.join(f'SNR {s:g} dB' for s in snrs)
+           + ' | paper (AVSS) |', '|---' * (6 + len(snrs)) + '|']
   for v in variants:
     s = summary[v]
     paper = f'{PAPER_TABLE2[v]:.1f}' if v in PAPER_TABLE2 else ''
-    lines.append(f'| {v} | {ROW.get(v, "")} | {fmt(s["test"])} | {fmt(s["test_shuffled_audio"])} | '
+    lines.append(f'| {v} | {ROW.get(v, "")} | {fmt(s["test"])} | {fmt(s["test_shuffled_audio"])} | {fmt(s["drop"])} | '
                  + ' | '.join(fmt(s['noise'][f'{x:g}']) for x in snrs) + f' | {paper} |')
+  lines += ['', 'The bottleneck (test split; docs/DESIGN.md §1.6): per-slot code perplexity, code→class '
+            'normalised MI, held-out probe R² of the sounding classes from the codes and from the '
+            'continuous tokens, codeword restarts per 100 steps (mean over seeds).', '',
+            '| variant | ' + ' | '.join(label for _, label in DIAGNOSTICS) + ' | restarts / 100 steps |',
+            '|---' * (2 + len(DIAGNOSTICS)) + '|']
+  for v in variants:
+    s = summary[v]
+    lines.append(f'| {v} | ' + ' | '.join(fmt2(s[key]) for key, _ in DIAGNOSTICS)
+                 + f' | {fmt2(s["restarts_per_100"])} |')
   lines += ['', f'Per seed (test {metric}):', '', '| variant | ' + ' | '.join(
       f'seed {r["seed"]}' for r in results if r['variant'] == variants[0]) + ' |',
       '|---' * (1 + sum(r['variant'] == variants[0] for r in results)) + '|']

@@ -11,6 +11,7 @@ and the step's metrics accumulate on the device between log lines.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from qdformer_jax.data import pipeline, registry
 from qdformer_jax.evaluation import evals, reports
 from qdformer_jax.evaluation.evaluator import Evaluator, check_eval_batch
 from qdformer_jax.losses.criterion import compute_loss
-from qdformer_jax.models import build_model
+from qdformer_jax.models.qdformer import build_model  # eager: see the builder import in _train
 from qdformer_jax.training import optim
 from qdformer_jax.training.checkpoint import (
     Checkpoints,
@@ -448,6 +449,11 @@ def _train(config, workdir, ckpt, is_chief, started, config_arg):
   # Opening the train split builds the synthetic dataset on first use (~20 s here). The compiler
   # needs no data and the build no program: the build runs in a thread while the state is created
   # and the train step compiled (a schedule in epochs needs the split's length first).
+  # The builder module (and TFDS with it) is imported here first: TFDS runs some of its own imports
+  # under etils' lazy-import hook, which patches builtins.__import__ for the whole process while it
+  # runs, so a first import in this thread at that moment (the model's) got a lazy placeholder
+  # ("'LazyModule' object is not callable", seen when the dataset was already built).
+  importlib.import_module(registry.get(config.data.name).builder_module)
   pool = futures.ThreadPoolExecutor(1, thread_name_prefix='open_data')
   train_source = pool.submit(registry.open_source, config.data, config.data.train_split)
   pool.shutdown(wait=False)  # nothing else is submitted; the thread ends with the build
@@ -527,7 +533,7 @@ def _train(config, workdir, ckpt, is_chief, started, config_arg):
         acc = jax.device_get(acc)
         check_finite(acc['health'], config, ckpt.latest_step(), skipped_before)
         if step % config.log_every == 0 or step == total_steps:
-          _log_interval(progress, step, acc, skipped_before, writer)
+          _log_interval(progress, step, acc, skipped_before, writer, workdir)
           acc = dict(acc, sums=jax.tree.map(np.zeros_like, acc['sums']), good=np.zeros((), np.int32))
       if save:
         skipped = skipped_before + int(acc['health']['bad'])
@@ -596,7 +602,7 @@ def _evaluate(evaluator, state, step, config, workdir, entries, writer, ckpt) ->
   return results
 
 
-def _log_interval(progress, step: int, acc: dict, skipped_before: int, writer) -> None:
+def _log_interval(progress, step: int, acc: dict, skipped_before: int, writer, workdir: str) -> None:
   good = int(acc['good'])
   means = {k: float(v) / good for k, v in acc['sums'].items()} if good else {}
   line = progress.line(step, means)
@@ -609,6 +615,7 @@ def _log_interval(progress, step: int, acc: dict, skipped_before: int, writer) -
     for k, v in means.items():
       writer.add_scalar(f'train/{k}', v, step)
     writer.flush()
+    reports.append_train_log(workdir, step, means)
 
 
 def summary(config, workdir: str, steps: int, seconds: float, final: dict, best_step: int | None,
