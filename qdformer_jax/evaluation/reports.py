@@ -8,6 +8,7 @@ Everything lands under ``<workdir>/reports/`` (process 0 only):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -56,8 +57,15 @@ def _write_json(workdir: str, name: str, report: dict) -> str:
   out = workdir_lib.reports_dir(workdir)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, name)
-  with open(path, 'w') as f:
-    json.dump(report, f, indent=2)
+  partial = f'{path}.partial'  # a full disk leaves no truncated report (resuming reads reports)
+  try:
+    with open(partial, 'w') as f:
+      json.dump(report, f, indent=2)
+    os.replace(partial, path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise
   return path
 
 

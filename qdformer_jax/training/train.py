@@ -10,10 +10,12 @@ and the step's metrics accumulate on the device between log lines.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -32,7 +34,7 @@ from qdformer_jax.evaluation import evals, reports
 from qdformer_jax.evaluation.evaluator import Evaluator, check_eval_batch
 from qdformer_jax.losses.criterion import compute_loss
 from qdformer_jax.models import build_model
-from qdformer_jax.training import optim
+from qdformer_jax.training import full_disk, optim
 from qdformer_jax.training.checkpoint import (
     Checkpoints,
     UnreadableCheckpoint,
@@ -456,7 +458,9 @@ def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -
   (exit 143, or 130 after Ctrl-C); a rerun resumes there. A non-finite update is never applied nor saved (``config.nonfinite``). An
   unreadable latest checkpoint is moved aside and the previous one restored. A config that differs
   from the run's ``config.json`` in a field that cannot change raises ValueError before anything is
-  written. An evaluation missing at the resumed step runs first."""
+  written. An evaluation missing at the resumed step runs first. A full disk raises
+  :class:`full_disk.DiskFull` (one line: directory, free space, checkpoint size, remedies) after the
+  partial save is removed; earlier checkpoints are kept."""
   started = time.time()
   os.makedirs(workdir, exist_ok=True)
   config = _resolved(config)
@@ -466,9 +470,16 @@ def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -
   is_chief = jax.process_index() == 0
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
   try:
-    return _train(config, workdir, ckpt, is_chief, started, config_arg)
-  finally:
-    ckpt.close()
+    with full_disk.quiet_writes():  # a failed async save's thread noise stays off the terminal
+      try:
+        return _train(config, workdir, ckpt, is_chief, started, config_arg)
+      finally:
+        ckpt.close()  # the saving threads end here, before partial saves are removed
+  except Exception as e:
+    if not full_disk.is_full(e):
+      raise
+    raise full_disk.report(workdir, workdir_lib.checkpoints_dir(workdir), e,
+                           keep_checkpoints=config.keep_checkpoints, clean=is_chief) from e
 
 
 def _train(config, workdir, ckpt, is_chief, started, config_arg):
@@ -689,8 +700,27 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   finally:
     ckpt.close()
   evaluator = Evaluator(config, mesh, graphdef)
-  writer = reports.make_writer(workdir) if jax.process_index() == 0 else None
-  results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'), writer)
-  if writer is not None:
-    writer.close()
+  writer = _eval_writer(workdir) if jax.process_index() == 0 else None
+  try:
+    # Nothing was written before the restore; with no space left the evaluation still runs and prints
+    # its metrics, then one error says that its reports could not be written.
+    results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'), writer,
+                        full_disk_ok=True)
+  finally:
+    if writer is not None:
+      with contextlib.suppress(OSError):
+        writer.close()
   return results.get(config.best_eval) or next(iter(results.values()), {})
+
+
+def _eval_writer(workdir: str, min_free_bytes: int = 2 ** 20):
+  """Eval mode's TensorBoard writer, or None when the workdir has (almost) no space left: the writer
+  writes from a thread, whose failure could only print a traceback (reports say it in one line)."""
+  try:
+    if shutil.disk_usage(workdir).free < min_free_bytes:
+      return None
+    return reports.make_writer(workdir)
+  except OSError as e:
+    if e.errno not in full_disk.FULL_ERRNOS:
+      raise
+    return None
