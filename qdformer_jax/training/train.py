@@ -396,6 +396,7 @@ class StopRequest:
     self.code = 143
     self.interrupted = False
     self.step = None  # the last step the loop asked about
+    self.seen = None  # the step at which the loop saw the stop request (and saves)
     self.previous = {}
     handlers = {signal.SIGINT: self._on_interrupt}
     if not self.use_service:
@@ -413,7 +414,9 @@ class StopRequest:
   def _on_interrupt(self, signum, frame):
     del signum, frame
     if self.interrupted:
-      step = f'step {self.step}' if self.step is not None else 'the current step'
+      # The step being saved when the loop has seen the request, else the one being computed.
+      step = (f'step {self.seen}' if self.seen is not None else
+              f'step {self.step + 1}' if self.step is not None else 'the current step')
       _say(f'error: second Ctrl-C: stopped at once; {step} was not saved (the rerun resumes from the latest '
            f'complete checkpoint{" in " + self.where if self.where else ""})')
       os._exit(130)
@@ -426,6 +429,12 @@ class StopRequest:
 
   def requested(self, step: int) -> bool:
     self.step = step
+    stop = self._requested(step)
+    if stop:
+      self.seen = step
+    return stop
+
+  def _requested(self, step: int) -> bool:
     if self.use_service:
       from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
