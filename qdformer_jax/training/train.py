@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -398,7 +399,9 @@ class StopRequest:
     self.step = None  # the last step the loop asked about
     self.seen = None  # the step at which the loop saw the stop request (and saves)
     self.previous = {}
-    handlers = {signal.SIGINT: self._on_interrupt}
+    handlers = {}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: a script's background job; keep it so
+      handlers[signal.SIGINT] = self._on_interrupt
     if not self.use_service:
       handlers[signal.SIGTERM] = self._on_signal
     for signum, handler in handlers.items():
@@ -419,6 +422,8 @@ class StopRequest:
               f'step {self.step + 1}' if self.step is not None else 'the current step')
       _say(f'error: second Ctrl-C: stopped at once; {step} was not saved (the rerun resumes from the latest '
            f'complete checkpoint{" in " + self.where if self.where else ""})')
+      if 'ipykernel' in sys.modules or hasattr(sys, 'ps1'):  # a notebook or a REPL: keep the session
+        raise KeyboardInterrupt
       os._exit(130)
     self.interrupted, self.reason, self.code = True, 'Ctrl-C (SIGINT)', 130
     _say('warning: Ctrl-C: saving the current step, then stopping (Ctrl-C again stops at once, unsaved)')
