@@ -286,6 +286,32 @@ def test_two_runs_started_together_build_the_dataset_once(reference, tmp_path):
     assert steps_in(str(tmp_path / f'run{i}')) == [2]
 
 
+def test_closed_loop_tracebacks_are_dropped_and_other_output_kept():
+  """What TensorStore callbacks print after a failed save closed Orbax's event loop (whole, split
+  across writes, or interleaved with another thread's) is dropped; any other traceback passes."""
+  import io
+
+  from qdformer_jax.training import full_disk
+  frame = '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
+  closed = ('Traceback (most recent call last):\n' + frame + '    self._check_closed()\n'
+            '  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed\n'
+            "    raise RuntimeError('Event loop is closed')\nRuntimeError: Event loop is closed\n")
+  other = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nValueError: kept\n'
+  out = io.StringIO()
+  stream = full_disk._ClosedLoopTracebacks(out)
+  stream.write('12:00:00 step 1/8\n')
+  for piece in (closed[:7], closed[7:60], closed[60:]):
+    stream.write(piece)
+  lines = closed.splitlines(keepends=True)
+  for line in lines[:2] + lines + lines[2:]:  # another thread's traceback inside this one, line by line
+    stream.write(line)
+  stream.write(other)
+  stream.write('Trace')  # a partial line is held until it is complete
+  stream.write('s of nothing\n')
+  stream.release()
+  assert out.getvalue() == '12:00:00 step 1/8\n' + other + 'Traces of nothing\n'
+
+
 def _mount_small_filesystem(path: str, size_bytes: int) -> None:
   """A tmpfs of ``size_bytes`` at ``path``; skips the test where mounting is not permitted."""
   os.makedirs(path, exist_ok=True)

@@ -159,15 +159,19 @@ class _ClosedLoopTracebacks:
       self.partial = ''
     return len(text)
 
+  # The lines of such a traceback, dropped one by one too when two threads' tracebacks interleave.
+  NOISE = ("self._check_closed()", "raise RuntimeError('Event loop is closed')", 'RuntimeError: Event loop is closed')
+
   def _line(self, line: str) -> None:
     if self.block is None:
       if line.startswith('Traceback (most recent call last):'):
         self.block = [line]
-      else:
+      elif not (line.strip() in self.NOISE or ('asyncio' in line and 'base_events.py' in line
+                                               and ('call_soon_threadsafe' in line or '_check_closed' in line))):
         self.stream.write(line)
       return
     self.block.append(line)
-    if not line.startswith((' ', '\t')):  # the exception line ends the traceback
+    if not line.startswith((' ', '\t', 'Traceback (most recent call last):')):  # the exception line ends it
       if 'Event loop is closed' not in line:
         self.stream.write(''.join(self.block))
       self.block = None
