@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 
 from absl import logging as absl_logging
 
@@ -192,14 +193,24 @@ class _ClosedLoopTracebacks:
 
 
 class quiet_writes:  # noqa: N801  (a context manager used as a statement)
-  """Around a run at verbosity < 1: Orbax's, asyncio's and TensorStore's log records are held back
-  (re-emitted at the end unless the run failed with a full disk, which is then reported in one line)
-  and "Event loop is closed" tracebacks on stderr are dropped."""
+  """Around a run at verbosity < 1: Orbax's, asyncio's and TensorStore's log records, and the
+  exceptions of threads that found the disk full (TensorBoard's writer), are held back (shown at the
+  end unless the run failed with a full disk, which is then reported in one line); "Event loop is
+  closed" tracebacks on stderr are dropped. After a full disk, exceptions reported as unraisable
+  (atexit cleanups that flush to the full disk) stay off the terminal too."""
 
   def __enter__(self):
     self.active = absl_logging.get_verbosity() < 1
     if not self.active:
       return self
+    self.thread_hook, self.threads_held = threading.excepthook, []
+
+    def hold_full_disk(args):
+      if is_full(args.exc_value):
+        self.threads_held.append(args)
+      else:
+        self.thread_hook(args)
+    threading.excepthook = hold_full_disk
     self.filters = []
     for handler in logging.getLogger().handlers:
       f = _HoldBack()
@@ -216,15 +227,32 @@ class quiet_writes:  # noqa: N801  (a context manager used as a statement)
     if isinstance(sys.stderr, _ClosedLoopTracebacks):
       sys.stderr.release()
     sys.stderr = self.stderr
+    threading.excepthook = self.thread_hook
     for handler, f in self.filters:
       handler.removeFilter(f)
     if exc is not None and is_full(exc):
       _drop_abandoned_future_logs()  # collected later, possibly at exit
+      _drop_full_disk_unraisables()
     else:
       for handler, f in self.filters:
         for _, record in f.held:
           handler.handle(record)
+      for args in self.threads_held:
+        self.thread_hook(args)
     return False
+
+
+def _drop_full_disk_unraisables() -> None:
+  """From now on, an unraisable exception (e.g. in an atexit cleanup) that is a full disk is not printed."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_full_disk', False):
+    return
+
+  def hook(unraisable):
+    if not is_full(unraisable.exc_value):
+      previous(unraisable)
+  hook.drops_full_disk = True
+  sys.unraisablehook = hook
 
 
 class _AbandonedFutures(logging.Filter):

@@ -10,7 +10,6 @@ and the step's metrics accumulate on the device between log lines.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -715,16 +714,26 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     ckpt.close()
   evaluator = Evaluator(config, mesh, graphdef)
   writer = _eval_writer(workdir) if jax.process_index() == 0 else None
-  try:
-    # Nothing was written before the restore; with no space left the evaluation still runs and prints
-    # its metrics, then one error says that its reports could not be written.
-    results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'), writer,
-                        full_disk_ok=True)
-  finally:
-    if writer is not None:
-      with contextlib.suppress(OSError):
-        writer.close()
+  # Nothing was written before the restore; with no space left the evaluation still runs and prints
+  # its metrics, then one error says that its reports could not be written.
+  with full_disk.quiet_writes():
+    try:
+      results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'),
+                          writer, full_disk_ok=True)
+    finally:
+      if writer is not None:
+        _close_eval_writer(writer, workdir)
   return results.get(config.best_eval) or next(iter(results.values()), {})
+
+
+def _close_eval_writer(writer, workdir: str) -> None:
+  try:
+    writer.close()
+  except OSError as e:
+    if e.errno not in full_disk.FULL_ERRNOS:
+      raise
+    logging.warning('the TensorBoard events of this evaluation could not be written under %s: %s',
+                    workdir_lib.tensorboard_dir(workdir), e.strerror or e)
 
 
 def _eval_writer(workdir: str, min_free_bytes: int = 2 ** 20):
