@@ -468,10 +468,10 @@ def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -
   ``config_arg``: the ``--config`` argument the run was started with, for the commands of the summary.
 
   What survives what: SIGTERM (or Ctrl-C) saves the current step and raises :class:`Preempted`
-  (exit 143, or 130 after Ctrl-C); a rerun resumes there. A non-finite update is never applied nor saved (``config.nonfinite``). An
-  unreadable latest checkpoint is moved aside and the previous one restored. A config that differs
-  from the run's ``config.json`` in a field that cannot change raises ValueError before anything is
-  written. An evaluation missing at the resumed step runs first. A full disk raises
+  (exit 143, or 130 after Ctrl-C); a rerun resumes there. A non-finite update is never applied nor
+  saved (``config.nonfinite``). An unreadable latest checkpoint is moved aside and the previous one
+  restored. A config that differs from the run's ``config.json`` in a field that cannot change raises
+  ValueError before anything is written. An evaluation missing at the resumed step runs first. A full disk raises
   :class:`full_disk.DiskFull` (one line: directory, free space, checkpoint size, remedies) after the
   partial save is removed; earlier checkpoints are kept."""
   started = time.time()
