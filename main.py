@@ -59,7 +59,7 @@ def main(argv):
     jax.distributed.initialize()
   from qdformer_jax.training import train
   config = FLAGS.config
-  with console.user_errors(FLAGS.debug):
+  with console.interrupted(FLAGS.workdir), console.user_errors(FLAGS.debug):
     if config.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir,
                                config_arg=config_flags.get_config_filename(FLAGS['config']))

@@ -3,11 +3,13 @@
 ``setup(verbosity)``: absl's handler prints ``HH:MM:SS message`` for this project's records (the
 library, the builders, ``main.py``); records of other packages (Orbax, TFDS, JAX, grain) pass only at
 ERROR and above unless ``verbosity >= 1`` (absl's ``--verbosity`` flag), when everything passes with
-absl's full prefix. ``user_errors`` turns the errors a user can cause into one line and exit code 2.
+absl's full prefix. ``user_errors`` turns the errors a user can cause (and a full disk) into one line and exit code 2;
+``interrupted`` turns a Ctrl-C outside the training steps into one line and exit code 130.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -71,3 +73,21 @@ def user_errors(debug: bool = False):
     print(f'error: {e}', file=sys.stderr)
     print('(rerun with --debug for the traceback)', file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # a full disk or quota: the message (training's names the remedies) is the line
+    if debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def interrupted(workdir: str | None = None):
+  """Ctrl-C outside the training steps (those save the current step first; see
+  ``train.StopRequest``): one line instead of a KeyboardInterrupt traceback, exit code 130."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    where = f' in {workdir}' if workdir else ''
+    print(f'interrupted (Ctrl-C) outside the training steps: nothing new was saved; rerun the same command to '
+          f'resume from the latest checkpoint{where}', file=sys.stderr)
+    sys.exit(130)

@@ -1,5 +1,7 @@
-"""What survives what: preemption, crashes, divergence, bad checkpoints, config drift, another process
-count, bad inputs (qdformer_jax/training/train.py, checkpoint.py; the data builders' checks).
+"""What survives what: preemption and Ctrl-C, crashes, two runs building one dataset, a full disk,
+divergence, bad checkpoints, config drift, another process count, bad inputs
+(qdformer_jax/training/train.py, checkpoint.py, full_disk.py; qdformer_jax/data/first_use.py; the data
+builders' checks).
 
 Runs of the tiny smoke config (``configs/synthetic.py:smoke`` at 32 px, T = 2, one decoder layer,
 8 steps, a checkpoint every 2, an evaluation every 4) go through ``main.py`` in subprocesses where a
@@ -59,10 +61,11 @@ def main_args(data_dir: str, workdir: str, **changes) -> list[str]:
           *[f'--config.{k}={v}' for k, v in values.items()]]
 
 
-def start(data_dir: str, workdir: str, log: str, **changes) -> subprocess.Popen:
+def start(data_dir: str, workdir: str, log: str, *, env: dict | None = None, **changes) -> subprocess.Popen:
   with open(log, 'a') as f:
     f.write(f'\n=== run {time.strftime("%H:%M:%S")}\n')
-    return subprocess.Popen(main_args(data_dir, workdir, **changes), cwd=REPO, env=worker_processes.worker_env(1),
+    return subprocess.Popen(main_args(data_dir, workdir, **changes), cwd=REPO,
+                            env={**worker_processes.worker_env(1), **(env or {})},
                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -180,6 +183,66 @@ def test_sigterm_then_kill9_during_a_save_resume_to_the_same_parameters(data_dir
   assert_same_params(workdir, reference)
 
 
+def test_ctrl_c_saves_the_step_like_a_preemption(data_dir, reference, tmp_path, caplog):
+  """Ctrl-C (SIGINT to the process group, as a terminal sends it) at a step after a periodic
+  checkpoint saves that step, exits 130 with one line saying where and how to resume, no traceback;
+  the rerun (in this process: no second start-up) resumes from it and ends bit for bit as the
+  uninterrupted run."""
+  from qdformer_jax.training import train
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'run.log')
+  target = random.choice([2, 4])  # the loop asks before it logs: the stop is at target + 1 or later
+  print(f'Ctrl-C once step {target} is logged')
+
+  proc = start(data_dir, workdir, log)
+  assert wait_until(proc, lambda: f'step {target}/{TOTAL}' in read(log)), worker_processes.tail(log)
+  os.killpg(proc.pid, signal.SIGINT)
+  assert finish(proc, log) == 130, worker_processes.tail(log)
+  text = last_run(log)
+  [line] = [ln for ln in text.splitlines() if 'stopped by Ctrl-C (SIGINT)' in ln]
+  stopped = int(re.search(r'at step (\d+)', line).group(1))
+  print(f'stopped at step {stopped}')
+  assert stopped > target and 'rerun the same command' in line  # after the periodic checkpoint `target`
+  assert os.path.join(workdir, 'checkpoints') in line
+  assert stopped in steps_in(workdir)
+  assert os.path.exists(os.path.join(workdir, 'checkpoints', str(stopped), 'commit_success.txt'))
+  for noise in ('Traceback', 'KeyboardInterrupt'):
+    assert noise not in text, noise
+
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert f'resumed from step {stopped}' in caplog.text
+  assert_same_params(workdir, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_naming_the_unsaved_step(monkeypatch, capfd):
+  """The first Ctrl-C asks the loop to save and stop (one line); a second one, while the step is
+  being saved, exits at once with code 130 and one line naming the step that was not saved."""
+  from qdformer_jax.training import train
+
+  class Exited(Exception):
+    pass
+
+  def exit_now(code):
+    raise Exited(code)
+  monkeypatch.setattr(train.os, '_exit', exit_now)
+  stop = train.StopRequest(where='/runs/x/checkpoints')
+  try:
+    assert not stop.requested(4)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested(5) and stop.code == 130 and stop.reason == 'Ctrl-C (SIGINT)'
+    with pytest.raises(Exited) as exited:
+      os.kill(os.getpid(), signal.SIGINT)  # while step 5 is saved
+      time.sleep(1)
+  finally:
+    stop.close()
+  assert exited.value.args == (130,)
+  first, second = capfd.readouterr().err.strip().splitlines()
+  assert 'Ctrl-C: saving the current step, then stopping' in first
+  assert second.endswith('error: second Ctrl-C: stopped at once; step 5 was not saved (the rerun resumes from the '
+                         'latest complete checkpoint in /runs/x/checkpoints)')
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_killed_between_the_final_checkpoint_and_its_evaluation(data_dir, reference, tmp_path, caplog):
   """The state a kill leaves after the final step was saved and before it was evaluated (the step
   holds no metrics, its report is missing): the rerun evaluates it, ranks it, and writes the report."""
@@ -196,6 +259,128 @@ def test_killed_between_the_final_checkpoint_and_its_evaluation(data_dir, refere
   assert report['metrics']['mIoU'] == final['mIoU']
   assert best_step(workdir) is not None
   assert json.loads(read(os.path.join(workdir, 'checkpoints', str(TOTAL), 'metrics', 'metrics')))['mIoU'] == final['mIoU']
+
+
+# -- two runs at once, a full disk -----------------------------------------------------------------
+
+def test_two_runs_started_together_build_the_dataset_once(reference, tmp_path):
+  """Two runs started at the same instant on one empty TFDS_DATA_DIR: one builds the synthetic
+  dataset, the other waits for it (one line) and reads it; both finish, no traceback, no leftover.
+  (``reference`` only warms the compilation cache: these runs compile the same train step.)"""
+  tfds_dir = str(tmp_path / 'tfds')
+  logs = [str(tmp_path / f'run{i}.log') for i in range(2)]
+  runs = dict(total_steps=2, checkpoint_every=2, eval_every=-1)
+  procs = [start('', str(tmp_path / f'run{i}'), logs[i], env={'TFDS_DATA_DIR': tfds_dir}, **runs) for i in range(2)]
+  codes = [finish(p, log) for p, log in zip(procs, logs)]
+  texts = [read(log) for log in logs]
+  assert codes == [0, 0], '\n'.join(worker_processes.tail(log) for log in logs)
+  built = [ln for t in texts for ln in t.splitlines() if re.match(r'\S+ building synthetic_avs/', ln)]
+  waited = [ln for t in texts for ln in t.splitlines() if 'waiting for another process building synthetic_avs/' in ln]
+  print(f'{len(waited)} run(s) waited for the other one')
+  assert len(built) == 1, built
+  assert len(waited) <= 1
+  assert not any('Traceback' in t for t in texts)
+  [variant] = [d for d in os.listdir(os.path.join(tfds_dir, 'synthetic_avs')) if not d.startswith('.')]
+  assert sorted(os.listdir(os.path.join(tfds_dir, 'synthetic_avs', variant))) == ['1.1.0', '1.1.0.lock']
+  for i in range(2):
+    assert steps_in(str(tmp_path / f'run{i}')) == [2]
+
+
+def test_closed_loop_tracebacks_are_dropped_and_other_output_kept():
+  """What TensorStore callbacks print after a failed save closed Orbax's event loop (whole, split
+  across writes, or interleaved with another thread's) is dropped; any other traceback passes."""
+  import io
+
+  from qdformer_jax.training import full_disk
+  frame = '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
+  closed = ('Traceback (most recent call last):\n' + frame + '    self._check_closed()\n'
+            '  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed\n'
+            "    raise RuntimeError('Event loop is closed')\nRuntimeError: Event loop is closed\n")
+  other = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nValueError: kept\n'
+  out = io.StringIO()
+  stream = full_disk._ClosedLoopTracebacks(out)
+  stream.write('12:00:00 step 1/8\n')
+  for piece in (closed[:7], closed[7:60], closed[60:]):
+    stream.write(piece)
+  lines = closed.splitlines(keepends=True)
+  for line in lines[:2] + lines + lines[2:]:  # another thread's traceback inside this one, line by line
+    stream.write(line)
+  stream.write(other)
+  stream.write('Trace')  # a partial line is held until it is complete
+  stream.write('s of nothing\n')
+  stream.release()
+  assert out.getvalue() == '12:00:00 step 1/8\n' + other + 'Traces of nothing\n'
+
+
+def _mount_small_filesystem(path: str, size_bytes: int) -> None:
+  """A tmpfs of ``size_bytes`` at ``path``; skips the test where mounting is not permitted."""
+  os.makedirs(path, exist_ok=True)
+  if os.geteuid() != 0:
+    pytest.skip('a small filesystem needs mount (root): not running as root')
+  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_bytes}', 'tmpfs', path],
+                        capture_output=True, text=True)
+  if proc.returncode:
+    pytest.skip(f'cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}')
+
+
+def _fill(path: str) -> None:
+  """Writes ``path`` until the filesystem is full."""
+  chunk = b'\0' * 65536
+  with open(path, 'wb', buffering=0) as f:
+    try:
+      while True:
+        f.write(chunk)
+    except OSError:
+      pass
+  with open(path, 'ab', buffering=0) as f:  # the last partial page
+    try:
+      while True:
+        f.write(b'\0' * 512)
+    except OSError:
+      pass
+
+
+def test_full_disk_is_one_line_and_the_previous_checkpoint_evaluates(data_dir, reference, tmp_path):
+  """--workdir on a filesystem with room for two checkpoints (and the run's small files): the save of
+  step 6 runs out of space. The run exits 2 with one error line (the directory, the free space, the
+  size of a checkpoint, the remedies), no traceback, no partial <step>.orbax-checkpoint-tmp; steps 2
+  and 4 remain, step 4 bit for bit as the uninterrupted run's. With the disk then completely full,
+  eval mode restores step 4, evaluates it, prints its metrics and says the reports were not written."""
+  from qdformer_jax.training import full_disk
+  one = full_disk.tree_bytes(os.path.join(reference, 'checkpoints', '4'))
+  small = str(tmp_path / 'small')
+  _mount_small_filesystem(small, 2 * one + 3 * 2 ** 19)
+  try:
+    workdir, log = os.path.join(small, 'run'), str(tmp_path / 'run.log')
+    proc = start(data_dir, workdir, log)
+    assert finish(proc, log) == 2, worker_processes.tail(log)
+    text = last_run(log)
+    lines = [ln for ln in text.splitlines()[1:] if ln.strip()]
+    after = lines[max(i for i, ln in enumerate(lines) if re.search(r'step \d+/', ln)) + 1:]
+    print(f'{len(lines)} lines in all, {len(after)} after the last step line:', *after, sep='\n')
+    assert len(after) <= 3, after
+    [error] = [ln for ln in lines if 'no space left on device' in ln]
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    assert f'while saving checkpoint step 6 in {checkpoints}' in error
+    assert re.search(r'\d+\.\d MB free, one checkpoint takes \d+\.\d MB', error), error
+    assert 'keep_checkpoints' in error and '--workdir' in error and 'resumes from step 4' in error
+    for noise in ('Traceback', 'Event loop is closed', 'never retrieved', '_sharding', 'RESOURCE_EXHAUSTED'):
+      assert noise not in text, noise
+    assert not glob.glob(os.path.join(checkpoints, '*.orbax-checkpoint-tmp*'))
+    assert steps_in(workdir) == [2, 4]
+    assert all(np.array_equal(a, b) for a, b in zip(params(workdir, 4).values(), params(reference, 4).values()))
+
+    _fill(os.path.join(small, 'filler'))
+    proc = start(data_dir, workdir, log, mode='eval')
+    assert finish(proc, log) == 2, worker_processes.tail(log)
+    text = last_run(log)
+    assert re.search(r'eval val \(val\) @ 4: mIoU=\d', text), text
+    [error] = [ln for ln in text.splitlines() if 'reports could not be written' in ln]
+    assert 'No space left on device' in error and 'step 4' in error
+    assert 'Traceback' not in text
+    assert not glob.glob(os.path.join(workdir, 'reports', '*.partial'))
+  finally:
+    subprocess.run(['umount', '-l', small], capture_output=True)  # lazy: also if a killed run held a file
 
 
 # -- divergence -------------------------------------------------------------------------------------

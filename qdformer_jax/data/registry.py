@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from collections.abc import Callable
 
 import numpy as np
 
-from qdformer_jax.data import classes
+from qdformer_jax.data import classes, first_use
 
 BINARY_CLASS_NAMES = ('background', 'sounding')
 
@@ -30,7 +31,8 @@ class DatasetSpec:
   semantic_names: class names by semantic id (0 = background) for semantic configs, given
     ``data.num_classes``; None: the dataset is binary only.
   build_on_first_use: the builder is cheap and needs no download (the synthetic dataset): opening a
-    split builds it under ``data_dir`` when it is missing.
+    split builds it under ``data_dir`` when it is missing, once however many processes open it at
+    the same time (``first_use``: a lock beside the dataset; process 0 first in a multi-process run).
   """
   name: str
   builder_module: str
@@ -66,7 +68,12 @@ def open_source(data_config, split: str):
   if spec.build_on_first_use:
     overrides = dict(image_size=int(data_config.image_size), num_frames=int(data_config.num_frames))
     overrides.update(dict(data_config.get('synthetic', None) or {}))
-    builder = module.build(data_config.builder_config, data_config.data_dir, quiet=True, **overrides)
+    # Several processes may open it at once: the builder's lock lets one build; in a multi-process
+    # run process 0 builds first and the others wait for it (first_use).
+    what = (f'{spec.name}/{data_config.builder_config} under {data_config.data_dir} '
+            f'{json.dumps(overrides, sort_keys=True, default=str)}')
+    builder = first_use.process_zero_first(
+        lambda: module.build(data_config.builder_config, data_config.data_dir, quiet=True, **overrides), what)
   else:
     import tensorflow_datasets as tfds
     builder = tfds.builder(f'{spec.name}/{data_config.builder_config}', data_dir=data_config.data_dir)

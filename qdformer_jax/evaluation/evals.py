@@ -16,8 +16,10 @@ the entries that need them.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 
 import ml_collections
 
@@ -89,16 +91,41 @@ def pick_threshold(results: dict, metric: str) -> float:
   return max(ranked)[2]
 
 
-def run(evaluator, state, step: int, config, workdir: str, selected: dict, writer=None) -> dict:
+class ReportsNotWritten(OSError):
+  """The evaluation ran (its metrics were logged) but its reports could not be written: no space."""
+
+  def __init__(self, message: str, results: dict):
+    super().__init__(errno.ENOSPC, message)
+    self.message, self.results = message, results
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def run(evaluator, state, step: int, config, workdir: str, selected: dict, writer=None, *,
+        full_disk_ok: bool = False) -> dict:
   """Runs the ``selected`` entries at ``step``; writes their reports; returns name -> results.
 
   The post-processing threshold is ``config.eval.threshold``, or with 'val' the one of the sweep
   with the best ``config.best_metric`` on ``data.eval_split`` (that split is evaluated first, at the
   default threshold, with the sweep); every report says which threshold it used and why.
+
+  ``full_disk_ok`` (eval mode): a report, overlay or TensorBoard write that finds no space left is
+  skipped, every entry still runs and logs its metrics, then :class:`ReportsNotWritten` is raised.
   """
   wanted = parse_threshold(config)
   plain = {}
   chosen = {}
+  unwritten = []
+
+  def write(fn, *args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except OSError as e:
+      if not full_disk_ok or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      unwritten.append(e)
+      return None
 
   def evaluate(split, threshold, overlay=False):
     key = (split, threshold)
@@ -106,8 +133,8 @@ def run(evaluator, state, step: int, config, workdir: str, selected: dict, write
       collect = int(config.eval.num_overlays) if overlay else 0
       plain[key] = evaluator.run(state, split, threshold=threshold, collect=collect)
       if evaluator.collected:
-        overlays.write_overlays(workdir_lib.overlays_dir(workdir, split, step), evaluator.collected, config,
-                                limit=collect, writer=writer, tag=f'overlays_{split}', step=step)
+        write(overlays.write_overlays, workdir_lib.overlays_dir(workdir, split, step), evaluator.collected,
+              config, limit=collect, writer=writer, tag=f'overlays_{split}', step=step)
     return plain[key]
 
   def threshold():
@@ -126,7 +153,7 @@ def run(evaluator, state, step: int, config, workdir: str, selected: dict, write
     results = evaluate(split, threshold(), overlay)
     if not results.get('threshold_source'):
       results['threshold_source'] = chosen['source']
-      reports.write_report(workdir, split, step, config, results, writer)
+      write(reports.write_report, workdir, split, step, config, results, writer)
     return results
 
   out = {}
@@ -139,17 +166,27 @@ def run(evaluator, state, step: int, config, workdir: str, selected: dict, write
       matched = segmentation(split, overlay=False)
       shuffled = evaluator.run(state, split, threshold=threshold(), shuffle_audio=True)
       shuffled['threshold_source'] = chosen['source']
-      reports.write_report(workdir, split, step, config, shuffled, writer, variant='shuffled_audio')
-      reports.write_audio_use_report(workdir, split, step, config, matched, shuffled)
+      write(reports.write_report, workdir, split, step, config, shuffled, writer, variant='shuffled_audio')
+      write(reports.write_audio_use_report, workdir, split, step, config, matched, shuffled)
       out[name] = {'matched': matched, 'shuffled': shuffled}
       logging.info('audio use %s@%d: %s', split, step, json.dumps(
           {k: {'matched': matched[k], 'shuffled': shuffled[k]} for k in ('mIoU', 'J', 'F') if k in matched}))
     else:
       clean = segmentation(split, overlay=False)
       sweep = {snr: evaluator.run(state, split, threshold=threshold(), noise_snr=snr) for snr in config.eval.noise_snrs}
-      paths = reports.write_noise_report(workdir, split, step, config, clean, sweep, writer)
+      paths = write(reports.write_noise_report, workdir, split, step, config, clean, sweep, writer) or {}
       out[name] = {'clean': clean, 'sweep': sweep}
       logging.info('noise sweep %s@%d: %s', split, step, paths.get('markdown', ''))
+  if unwritten:
+    reports_dir = workdir_lib.reports_dir(workdir)
+    try:
+      free = f'{shutil.disk_usage(workdir).free / 2 ** 20:.1f} MB free'
+    except OSError:
+      free = 'free space unknown'
+    raise ReportsNotWritten(
+        f'the evaluation of step {step} ran (its metrics are above) but its reports could not be written to '
+        f'{reports_dir}: {unwritten[0].strerror or unwritten[0]} ({free}); free space there (or evaluate a copy '
+        'of the workdir on another disk)', out)
   return out
 
 

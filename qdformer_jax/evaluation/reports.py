@@ -8,7 +8,9 @@ Everything lands under ``<workdir>/reports/`` (process 0 only):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 
 import jax
@@ -50,9 +52,12 @@ def append_train_log(workdir: str, step: int, means: dict) -> None:
   if jax.process_index() != 0:
     return
   out = workdir_lib.reports_dir(workdir)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, TRAIN_LOG), 'a') as f:
-    f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in means.items()}}) + '\n')
+  try:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, TRAIN_LOG), 'a') as f:
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in means.items()}}) + '\n')
+  except OSError as e:  # a full disk is reported where it matters, at the checkpoint save
+    logging.warning('could not append to %s: %s', os.path.join(out, TRAIN_LOG), e)
 
 
 def read_train_log(workdir: str) -> dict[int, dict]:
@@ -83,8 +88,15 @@ def _write_json(workdir: str, name: str, report: dict) -> str:
   out = workdir_lib.reports_dir(workdir)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, name)
-  with open(path, 'w') as f:
-    json.dump(report, f, indent=2)
+  partial = f'{path}.partial'  # a full disk leaves no truncated report (resuming reads reports)
+  try:
+    with open(partial, 'w') as f:
+      json.dump(report, f, indent=2)
+    os.replace(partial, path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise
   return path
 
 

@@ -15,7 +15,9 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -33,7 +35,7 @@ from qdformer_jax.evaluation import evals, reports
 from qdformer_jax.evaluation.evaluator import Evaluator, check_eval_batch
 from qdformer_jax.losses.criterion import compute_loss
 from qdformer_jax.models.qdformer import build_model  # eager: see the builder import in _train
-from qdformer_jax.training import optim
+from qdformer_jax.training import full_disk, optim
 from qdformer_jax.training.checkpoint import (
     Checkpoints,
     UnreadableCheckpoint,
@@ -348,11 +350,12 @@ def unevaluated(workdir: str, entries: dict, step: int, total_steps: int, config
 # -- preemption ------------------------------------------------------------------------------------
 
 class Preempted(SystemExit):
-  """The run was asked to stop (SIGTERM or a preemption notice) and saved its current step.
-  A SystemExit with code 143 (128 + SIGTERM), as if the signal had ended the process."""
+  """The run was asked to stop (SIGTERM, a preemption notice or Ctrl-C) and saved its current step.
+  A SystemExit with code 143 (128 + SIGTERM), or 130 (128 + SIGINT) after Ctrl-C, as if the signal
+  had ended the process."""
 
-  def __init__(self, message: str):
-    super().__init__(143)
+  def __init__(self, message: str, code: int = 143):
+    super().__init__(code)
     self.message = message
 
   def __str__(self) -> str:
@@ -378,26 +381,65 @@ class StopRequest:
   (local until a notice arrives; then the service picks the same step on every host). Several
   processes without it: the SIGTERM flags are combined every ``agree_every`` steps (one small
   collective), so every process stops at the same step.
+
+  Ctrl-C (SIGINT) is a stop request too (exit code 130 instead of 143; with the preemption service
+  it is passed on as SIGTERM, which the service turns into a notice). A second Ctrl-C stops the
+  process at once, with one line saying that the step being saved was not saved.
   """
 
-  def __init__(self, agree_every: int = 10):
+  def __init__(self, agree_every: int = 10, where: str = ''):
     self.agree_every = agree_every
+    self.where = where  # the checkpoint directory, named by the second Ctrl-C's line
     self.multiprocess = jax.process_count() > 1
     self.use_service = self.multiprocess and _preemption_service()
     self.flag = threading.Event()
     self.reason = 'preemption notice' if self.use_service else 'SIGTERM'
-    self.previous = None
+    self.code = 143
+    self.interrupted = False
+    self.step = None  # the last step the loop asked about
+    self.seen = None  # the step at which the loop saw the stop request (and saves)
+    self.previous = {}
+    handlers = {}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: a script's background job; keep it so
+      handlers[signal.SIGINT] = self._on_interrupt
     if not self.use_service:
+      handlers[signal.SIGTERM] = self._on_signal
+    for signum, handler in handlers.items():
       try:
-        self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self.previous[signum] = signal.signal(signum, handler)
       except ValueError:  # not the main thread (e.g. a notebook worker thread): no handler
-        logging.info('SIGTERM handler not installed (not the main thread)')
+        logging.info('%s handler not installed (not the main thread)', signal.Signals(signum).name)
 
   def _on_signal(self, signum, frame):
     del signum, frame
     self.flag.set()
 
+  def _on_interrupt(self, signum, frame):
+    del signum, frame
+    if self.interrupted:
+      # The step being saved when the loop has seen the request, else the one being computed.
+      step = (f'step {self.seen}' if self.seen is not None else
+              f'step {self.step + 1}' if self.step is not None else 'the current step')
+      _say(f'error: second Ctrl-C: stopped at once; {step} was not saved (the rerun resumes from the latest '
+           f'complete checkpoint{" in " + self.where if self.where else ""})')
+      if 'ipykernel' in sys.modules or hasattr(sys, 'ps1'):  # a notebook or a REPL: keep the session
+        raise KeyboardInterrupt
+      os._exit(130)
+    self.interrupted, self.reason, self.code = True, 'Ctrl-C (SIGINT)', 130
+    _say('warning: Ctrl-C: saving the current step, then stopping (Ctrl-C again stops at once, unsaved)')
+    if self.use_service:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier: every process stops at one step
+    else:
+      self.flag.set()
+
   def requested(self, step: int) -> bool:
+    self.step = step
+    stop = self._requested(step)
+    if stop:
+      self.seen = step
+    return stop
+
+  def _requested(self, step: int) -> bool:
     if self.use_service:
       from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
@@ -409,9 +451,14 @@ class StopRequest:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag.is_set()))))
 
   def close(self):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
-      self.previous = None
+    for signum, previous in self.previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self.previous = {}
+
+
+def _say(text: str) -> None:
+  """One line on stderr from a signal handler (os.write: no lock the interrupted code may hold)."""
+  os.write(2, f'{time.strftime("%H:%M:%S")} {text}\n'.encode())
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -421,11 +468,13 @@ def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -
   (the metrics of the ``config.best_eval`` entry; every entry's reports are under ``<workdir>/reports``).
   ``config_arg``: the ``--config`` argument the run was started with, for the commands of the summary.
 
-  What survives what: SIGTERM saves the current step and raises :class:`Preempted` (exit 143); a
-  rerun resumes there. A non-finite update is never applied nor saved (``config.nonfinite``). An
-  unreadable latest checkpoint is moved aside and the previous one restored. A config that differs
-  from the run's ``config.json`` in a field that cannot change raises ValueError before anything is
-  written. An evaluation missing at the resumed step runs first."""
+  What survives what: SIGTERM (or Ctrl-C) saves the current step and raises :class:`Preempted`
+  (exit 143, or 130 after Ctrl-C); a rerun resumes there. A non-finite update is never applied nor
+  saved (``config.nonfinite``). An unreadable latest checkpoint is moved aside and the previous one
+  restored. A config that differs from the run's ``config.json`` in a field that cannot change raises
+  ValueError before anything is written. An evaluation missing at the resumed step runs first. A full disk raises
+  :class:`full_disk.DiskFull` (one line: directory, free space, checkpoint size, remedies) after the
+  partial save is removed; earlier checkpoints are kept."""
   started = time.time()
   os.makedirs(workdir, exist_ok=True)
   config = _resolved(config)
@@ -435,9 +484,16 @@ def train_and_evaluate(config, workdir: str, *, config_arg: str | None = None) -
   is_chief = jax.process_index() == 0
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
   try:
-    return _train(config, workdir, ckpt, is_chief, started, config_arg)
-  finally:
-    ckpt.close()
+    with full_disk.quiet_writes():  # a failed async save's thread noise stays off the terminal
+      try:
+        return _train(config, workdir, ckpt, is_chief, started, config_arg)
+      finally:
+        ckpt.close()  # the saving threads end here, before partial saves are removed
+  except Exception as e:
+    if not full_disk.is_full(e):
+      raise
+    raise full_disk.report(workdir, workdir_lib.checkpoints_dir(workdir), e,
+                           keep_checkpoints=config.keep_checkpoints, clean=is_chief) from e
 
 
 def _train(config, workdir, ckpt, is_chief, started, config_arg):
@@ -498,7 +554,7 @@ def _train(config, workdir, ckpt, is_chief, started, config_arg):
   evaluator = Evaluator(config, mesh, graphdef)
   eval_entries = evals.entries(config)
   writer = reports.make_writer(workdir) if is_chief else None
-  stop = StopRequest()
+  stop = StopRequest(where=workdir_lib.checkpoints_dir(workdir))
   last_eval = {}
   step = start_step
   try:
@@ -546,7 +602,7 @@ def _train(config, workdir, ckpt, is_chief, started, config_arg):
         message = (f'stopped by {stop.reason} at step {step}: checkpoint {step} saved in '
                    f'{workdir_lib.checkpoints_dir(workdir)}; rerun the same command to resume from it')
         logging.warning(message)
-        raise Preempted(message)
+        raise Preempted(message, stop.code)
       if due:
         t0 = time.perf_counter()
         last_eval.update(_evaluate(evaluator, state, step, config, workdir, due, writer, ckpt))
@@ -664,8 +720,37 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   finally:
     ckpt.close()
   evaluator = Evaluator(config, mesh, graphdef)
-  writer = reports.make_writer(workdir) if jax.process_index() == 0 else None
-  results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'), writer)
-  if writer is not None:
-    writer.close()
+  writer = _eval_writer(workdir) if jax.process_index() == 0 else None
+  # Nothing was written before the restore; with no space left the evaluation still runs and prints
+  # its metrics, then one error says that its reports could not be written.
+  with full_disk.quiet_writes():
+    try:
+      results = evals.run(evaluator, state, step, config, workdir, evals.entries(config, mode='eval'),
+                          writer, full_disk_ok=True)
+    finally:
+      if writer is not None:
+        _close_eval_writer(writer, workdir)
   return results.get(config.best_eval) or next(iter(results.values()), {})
+
+
+def _close_eval_writer(writer, workdir: str) -> None:
+  try:
+    writer.close()
+  except OSError as e:
+    if e.errno not in full_disk.FULL_ERRNOS:
+      raise
+    logging.warning('the TensorBoard events of this evaluation could not be written under %s: %s',
+                    workdir_lib.tensorboard_dir(workdir), e.strerror or e)
+
+
+def _eval_writer(workdir: str, min_free_bytes: int = 2 ** 20):
+  """Eval mode's TensorBoard writer, or None when the workdir has (almost) no space left: the writer
+  writes from a thread, whose failure could only print a traceback (reports say it in one line)."""
+  try:
+    if shutil.disk_usage(workdir).free < min_free_bytes:
+      return None
+    return reports.make_writer(workdir)
+  except OSError as e:
+    if e.errno not in full_disk.FULL_ERRNOS:
+      raise
+    return None

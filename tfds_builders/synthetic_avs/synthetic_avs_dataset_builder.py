@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from qdformer_jax.data import records, synthetic
+from qdformer_jax.data import first_use, records, synthetic
 
 SPLITS = ('train', 'val', 'test')
 _SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
@@ -176,16 +176,27 @@ class SyntheticAvs(tfds.core.GeneratorBasedBuilder):
 def build(config_name: str, data_dir: str, *, quiet: bool = False, **overrides: Any) -> SyntheticAvs:
   """The `SyntheticAvs` builder of ``config_name`` (with ``overrides``), built on first use.
 
-  Idempotent: when the dataset already exists under ``data_dir`` it is reused as is. ``quiet``: no
-  TFDS progress bars or banner (the training loop logs one line before and after instead).
+  Idempotent: when the dataset already exists under ``data_dir`` it is reused as is. Safe under
+  concurrency: processes that find it missing at the same time take a lock beside the dataset
+  directory (``<version dir>.lock``); one builds, the others wait (one line) and then read it.
+  ``quiet``: no TFDS progress bars or banner (the training loop logs one line before and after instead).
   """
-  builder = SyntheticAvs(config=make_config(config_name, **overrides), data_dir=data_dir,
-                         file_format='array_record')
+  config = make_config(config_name, **overrides)
+  builder = SyntheticAvs(config=config, data_dir=data_dir, file_format='array_record')
   if builder.is_prepared():
     return builder
+  with first_use.exclusive(builder.data_dir, f'{builder.name}/{config.name} under {data_dir}'):
+    # Another process may have built it while this one waited for the lock: look again.
+    builder = SyntheticAvs(config=config, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+      _prepare(builder, config_name, data_dir, quiet)
+  return builder
+
+
+def _prepare(builder: SyntheticAvs, config_name: str, data_dir: str, quiet: bool) -> None:
   if not quiet:
     builder.download_and_prepare()
-    return builder
+    return
   sizes = builder.builder_config.split_sizes()
   logging.info('building %s/%s under %s (first use: %d clips) ...', builder.name, config_name, data_dir,
                sum(sizes.values()))
@@ -198,4 +209,3 @@ def build(config_name: str, data_dir: str, *, quiet: bool = False, **overrides: 
   finally:
     tfds.display_progress_bar(shown)
   logging.info('built %s in %.0f s', builder.data_dir, time.perf_counter() - started)
-  return builder
