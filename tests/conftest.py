@@ -21,11 +21,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
-def shared_dir():
-  """The steering repo's shared/ folder (beside the checkout), or /work/shared on the dev machines."""
+def released_data_dir():
+  """tests/data: public files of the datasets' releases (e.g. AVSBench's label2idx.json), shipped with
+  the tests so that they compare the code's own copies against the released ones."""
   from pathlib import Path
-  beside = Path(__file__).resolve().parents[2] / 'shared'
-  return beside if beside.exists() else Path('/work/shared')
+  return Path(__file__).resolve().parent / 'data'
 
 
 # A smoke workdir trained once per session (configs/synthetic.py:smoke through train_and_evaluate),

@@ -169,10 +169,8 @@ def test_palette():
 
 
 def test_label2idx_matches_release():
-  from conftest import shared_dir
-  released = shared_dir() / 'avsbench' / 'label2idx.json'
-  if not released.exists():
-    pytest.skip('the released label2idx.json is not on this machine')
+  from conftest import released_data_dir
+  released = released_data_dir() / 'avsbench' / 'label2idx.json'
   assert avsbench.read_label2idx(released) == avsbench.AVSS_CLASS_NAMES
 
 

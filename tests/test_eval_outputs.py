@@ -48,8 +48,8 @@ def test_class_names_per_dataset(tmp_path):
   c.data.update(binary=False, name='avs_semantic', num_classes=70)
   names = registry.class_names(c.data)
   # The released index (1-based, background = 1), independent of the builder's copy.
-  from conftest import shared_dir
-  label2idx = json.load(open(shared_dir() / 'avsbench' / 'label2idx.json'))
+  from conftest import released_data_dir
+  label2idx = json.load(open(released_data_dir() / 'avsbench' / 'label2idx.json'))
   assert len(names) == 71 and names == tuple(sorted(label2idx, key=label2idx.get))
   c.data.num_classes = 8
   with pytest.raises(ValueError, match='num_classes'):
