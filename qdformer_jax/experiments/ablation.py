@@ -55,6 +55,8 @@ VARIANTS: dict[str, dict] = {
     'audio_tokens': {'model.local_audio_tokens': True},                       # local ASD: many keys
     'token_pos': {'model.query_pos_from_token': True},                        # no audio-free queries
     'warmup_kmeans': {'model.vq_warmup_steps': 200},                          # continuous, then k-means
+    'warmup_token_pos': {'model.vq_warmup_steps': 200, 'model.query_pos_from_token': True},
+    'warmup_slot_entropy': {'model.vq_warmup_steps': 200, 'loss.slot_entropy_weight': 0.1},
 }
 TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
 PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
@@ -66,7 +68,9 @@ ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition 
        'rotation': 'full + rotation trick', 'ema': 'full + EMA codebook (0.99)',
        'fsq': 'full with FSQ (4x4x2) for the codebook', 'slot_entropy': 'full + slot entropy term (0.1)',
        'audio_tokens': 'full, local ASD over the audio map', 'token_pos': 'full, query pos from token',
-       'warmup_kmeans': 'full, 200 continuous steps, then k-means codebook'}
+       'warmup_kmeans': 'full, 200 continuous steps, then k-means codebook',
+       'warmup_token_pos': 'warmup_kmeans + query pos from token',
+       'warmup_slot_entropy': 'warmup_kmeans + slot entropy term (0.1)'}
 # The bottleneck's diagnostics (evaluation/bottleneck.py) of the test report, as table columns.
 DIAGNOSTICS = (('slot_perplexity', 'slot ppl'), ('code_class_mi', 'code MI'),
                ('probe_r2_codes', 'probe codes'), ('probe_r2_tokens', 'probe tokens'))
