@@ -47,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.vq_gradient = 'ste'      # ste: identity straight-through (paper) | rotation: rotation trick
   c.model.vq_ema_decay = 0.0       # > 0: EMA codebook of the assigned global tokens (VQ-VAE-2)
   c.model.vq_warmup_steps = 0      # > 0: continuous for this many steps, then a k-means codebook
+  c.model.vq_warmup_fraction = 0.0  # > 0 (and no vq_warmup_steps): that share of the run's steps
   c.model.local_audio_tokens = False   # local ASD attends over the audio encoder's time-frequency map
   c.model.query_pos_from_token = False  # decoder query positions computed from the quantized token
   c.model.num_feature_levels = 4

@@ -204,3 +204,4 @@ def test_continuous_warmup_then_kmeans_codebook():
       assert not np.allclose(book, book0)
       np.testing.assert_allclose(np.linalg.norm(book, axis=-1), np.sqrt(book.shape[-1]), rtol=1e-4)
   assert int(model.bottleneck_step[...]) == 3
+  assert int(model.bottleneck_opens_at[...]) == 2   # state: restored with a checkpoint, as the counter

@@ -166,3 +166,18 @@ def test_learning_rate_drops_at_the_configured_step_with_warmup():
   assert float(schedule(149)) == pytest.approx(0.1) and float(schedule(150)) == pytest.approx(0.01)
   plain = optim.learning_rate_schedule(1.0, (100,), 0.1)
   assert float(plain(99)) == 1.0 and float(plain(100)) == pytest.approx(0.1)
+
+
+def test_warmup_fraction_resolves_to_steps_of_the_run():
+  """model.vq_warmup_fraction is a share of the run's steps, turned into model.vq_warmup_steps for the
+  state's initial values only; an explicit step count wins; the config itself is not changed."""
+  from configs import synthetic
+  from qdformer_jax.training import optim
+  c = synthetic.get_config('smoke')
+  c.model.vq_warmup_fraction = 0.25
+  assert optim.resolve_warmup(c, 800).model.vq_warmup_steps == 200
+  assert c.model.vq_warmup_steps == 0
+  c.model.vq_warmup_steps = 7
+  assert optim.resolve_warmup(c, 800).model.vq_warmup_steps == 7
+  c.model.update(vq_warmup_steps=0, vq_warmup_fraction=0.0)
+  assert optim.resolve_warmup(c, 800) is c

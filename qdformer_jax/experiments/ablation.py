@@ -47,16 +47,18 @@ VARIANTS: dict[str, dict] = {
                 'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
     # Is the quantized models' gap the size of the bottleneck? The paper's K = 128 instead of 32.
     'codebook_128': {'model.codebook_size': 128},
-    # Remedies for a bottleneck that drops the audio (docs/DESIGN.md §1.6), one change each on `full`:
-    'rotation': {'model.vq_gradient': 'rotation'},                           # rotation trick
-    'ema': {'model.vq_ema_decay': 0.99},                                      # EMA codebook
-    'fsq': {'model.quantizer': 'fsq', 'loss.quant_weight': 0.0},             # FSQ, 4x4x2 = 32 codes
-    'slot_entropy': {'loss.slot_entropy_weight': 0.1},                        # per-slot code entropy
-    'audio_tokens': {'model.local_audio_tokens': True},                       # local ASD: many keys
-    'token_pos': {'model.query_pos_from_token': True},                        # no audio-free queries
-    'warmup_kmeans': {'model.vq_warmup_steps': 200},                          # continuous, then k-means
-    'warmup_token_pos': {'model.vq_warmup_steps': 200, 'model.query_pos_from_token': True},
-    'warmup_slot_entropy': {'model.vq_warmup_steps': 200, 'loss.slot_entropy_weight': 0.1},
+    # Remedies for a bottleneck that drops the audio (docs/DESIGN.md §1.6), each one change on the
+    # recipe without the continuous warm-up (`no_warmup`), then combinations with the warm-up:
+    'no_warmup': {'model.vq_warmup_fraction': 0.0, 'model.vq_warmup_steps': 0},
+    'rotation': {'model.vq_gradient': 'rotation', 'model.vq_warmup_fraction': 0.0},          # rotation trick
+    'ema': {'model.vq_ema_decay': 0.99, 'model.vq_warmup_fraction': 0.0},                     # EMA codebook
+    'fsq': {'model.quantizer': 'fsq', 'loss.quant_weight': 0.0, 'model.vq_warmup_fraction': 0.0},  # FSQ 4x4x2
+    'slot_entropy': {'loss.slot_entropy_weight': 0.1, 'model.vq_warmup_fraction': 0.0},       # per-slot entropy
+    'audio_tokens': {'model.local_audio_tokens': True, 'model.vq_warmup_fraction': 0.0},      # local ASD: many keys
+    'token_pos': {'model.query_pos_from_token': True, 'model.vq_warmup_fraction': 0.0},       # no audio-free queries
+    'warmup_kmeans': {'model.vq_warmup_fraction': 0.25},          # continuous for 1/4 of the run, then k-means
+    'warmup_token_pos': {'model.vq_warmup_fraction': 0.25, 'model.query_pos_from_token': True},
+    'warmup_slot_entropy': {'model.vq_warmup_fraction': 0.25, 'loss.slot_entropy_weight': 0.1},
 }
 TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
 PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
@@ -65,10 +67,11 @@ ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition 
        'plain_codebook': 'recipe: plain L2 codebook, no restarts', 'eq9_sum': 'recipe: Eq. 9 summed over d',
        'focal': 'recipe: focal class loss (α .25, γ 2)', 'literal': 'recipe: all three (paper-literal)',
        'codebook_128': 'full with the paper\'s K = 128 codes (not 32)',
-       'rotation': 'full + rotation trick', 'ema': 'full + EMA codebook (0.99)',
-       'fsq': 'full with FSQ (4x4x2) for the codebook', 'slot_entropy': 'full + slot entropy term (0.1)',
-       'audio_tokens': 'full, local ASD over the audio map', 'token_pos': 'full, query pos from token',
-       'warmup_kmeans': 'full, 200 continuous steps, then k-means codebook',
+       'rotation': 'no_warmup + rotation trick', 'ema': 'no_warmup + EMA codebook (0.99)',
+       'fsq': 'no_warmup with FSQ (4x4x2) for the codebook', 'slot_entropy': 'no_warmup + slot entropy (0.1)',
+       'audio_tokens': 'no_warmup, local ASD over the audio map', 'token_pos': 'no_warmup, query pos from token',
+       'no_warmup': 'full without the continuous warm-up',
+       'warmup_kmeans': 'full, continuous for 1/4 of the steps, then k-means codebook',
        'warmup_token_pos': 'warmup_kmeans + query pos from token',
        'warmup_slot_entropy': 'warmup_kmeans + slot entropy term (0.1)'}
 # The bottleneck's diagnostics (evaluation/bottleneck.py) of the test report, as table columns.

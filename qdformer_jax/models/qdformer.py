@@ -212,11 +212,15 @@ class QDFormer(nnx.Module):
       self.token_query_pos = modules.MLP(d, d, d, 2, dtype=dtype, rngs=rngs)
     # Continuous warm-up: the first vq_warmup_steps train steps bypass the quantizer (the tokens learn
     # to carry the audio first), then the codebook starts on a k-means of that step's tokens.
-    self.vq_warmup_steps = int(cfg.get('vq_warmup_steps', 0) or 0)
-    if self.vq_warmup_steps > 0:
+    # The length is state (restored with the checkpoint): a fraction of training is resolved into
+    # steps by the trainer (optim.resolve_warmup) before the state is initialised.
+    warmup_steps = int(cfg.get('vq_warmup_steps', 0) or 0)
+    self.vq_warmup = warmup_steps > 0 or float(cfg.get('vq_warmup_fraction', 0.0) or 0.0) > 0
+    if self.vq_warmup:
       if kind != 'vq':
-        raise ValueError('model.vq_warmup_steps needs the learned codebook (model.quantizer=\'vq\')')
+        raise ValueError("model.vq_warmup_steps / vq_warmup_fraction need the learned codebook (model.quantizer='vq')")
       self.bottleneck_step = BottleneckStep(jnp.zeros((), jnp.int32))
+      self.bottleneck_opens_at = BottleneckStep(jnp.asarray(warmup_steps, jnp.int32))
 
   # -- stages ----------------------------------------------------------------------------------------
   # ``__call__`` runs these in order; benchmarks/stages.py times and counts each one on its own.
@@ -290,8 +294,8 @@ class QDFormer(nnx.Module):
     if cfg.quantize:
       gq = self.quantizer(g)
       g, e = gq['tokens'], gq['quantized']
-      if self.vq_warmup_steps > 0:
-        active = self.bottleneck_step[...] >= self.vq_warmup_steps
+      if self.vq_warmup:
+        active = self.bottleneck_step[...] >= self.bottleneck_opens_at[...]
         e = jnp.where(active, e, g)
     else:
       e = g
@@ -379,14 +383,14 @@ class QDFormer(nnx.Module):
     usage = codebook_usage(vq['global_indices'], num_codes)
     metrics = {'codebook_perplexity': usage['perplexity'], 'codebook_dead_codes': usage['dead_codes']}
     tokens, indices = vq['global_tokens'].reshape(-1, vq['global_tokens'].shape[-1]), vq['global_indices']
-    if self.vq_warmup_steps > 0:
+    if self.vq_warmup:
       step = self.bottleneck_step[...] + 1
       self.bottleneck_step[...] = step
       candidates = [tokens]
       if vq.get('local_tokens') is not None:
         candidates.append(vq['local_tokens'].reshape(-1, tokens.shape[-1]))
       start = jnp.concatenate(candidates)
-      nnx.cond(step == self.vq_warmup_steps,
+      nnx.cond(step == self.bottleneck_opens_at[...],
                lambda q: q.kmeans_init(start, jax.random.fold_in(key, 1)), lambda q: None, self.quantizer)
     if isinstance(self.quantizer, VectorQuantizer) and self.quantizer.ema_decay > 0:
       # The EMA codebook follows the global tokens (the codebook term of Eq. 9, as an average).

@@ -25,6 +25,20 @@ def total_and_drop_steps(config, steps_per_epoch: int) -> tuple[int, tuple[int, 
   return total, tuple(int(e) * steps_per_epoch for e in config.lr_drop_epochs)
 
 
+def resolve_warmup(config, total_steps: int):
+  """``config`` with ``model.vq_warmup_steps`` = round(``model.vq_warmup_fraction`` × total steps)
+  when a fraction is given and no step count (the continuous warm-up of docs/DESIGN.md §1.6, as a
+  share of training whatever its length); ``config`` itself otherwise. Used to initialise the state
+  only: the length is then model state, restored with every checkpoint."""
+  fraction = float(config.model.get('vq_warmup_fraction', 0.0) or 0.0)
+  if fraction <= 0 or int(config.model.get('vq_warmup_steps', 0) or 0) > 0:
+    return config
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.model.vq_warmup_steps = max(1, round(fraction * int(total_steps)))
+  return resolved
+
+
 def learning_rate_schedule(base_lr: float, drop_steps, decay: float, warmup_steps: int = 0):
   """Linear warm-up over ``warmup_steps``, then ``base_lr`` multiplied by ``decay`` at each of the
   ``drop_steps`` (counted from step 0 of training, warm-up included)."""

@@ -527,7 +527,7 @@ def _train(config, workdir, ckpt, is_chief, started, config_arg):
     state, meta, start_step, _ = ckpt.restore_latest(abstract_state)
     logging.info('resumed from step %d', start_step)
   else:
-    state = init_train_state(config, abstract_state, drop_steps)
+    state = init_train_state(optim.resolve_warmup(config, total_steps), abstract_state, drop_steps)
     state = load_pretrained(config, state, graphdef)
   if is_chief:
     _write_run_config(config, workdir)
