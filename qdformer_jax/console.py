@@ -16,7 +16,7 @@ import sys
 import warnings
 
 _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
-              for d in ('qdformer_jax', 'tfds_builders', 'main.py', 'benchmarks', 'experiments'))
+              for d in ('qdformer_jax', 'tfds_builders', 'main.py', 'benchmarks'))
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 

@@ -280,7 +280,8 @@ class Checkpoints:
 
   def read(self, abstract_state: nnx.State, step: int):
     """``restore`` of ``step`` with every failure turned into UnreadableCheckpoint (file, reason).
-    Call it under ``_restore_quietly``: a failed restore's third-party noise stays off the terminal."""
+    Call it under ``_quiet_third_party()`` and ``_stderr_held_back()`` (as ``restore_latest`` does): a
+    failed restore's third-party noise then stays off the terminal."""
     self._check_files(step)
     try:
       return self.restore(abstract_state, step=step)
