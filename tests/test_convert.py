@@ -283,3 +283,65 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
   assert "'foo.bar'" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError, match='weights.msgpack'):
     load_converted(nnx.eval_shape(lambda: ResNet(18, rngs=nnx.Rngs(0))), str(tmp_path))
+
+
+# ---------------------------------------------------------------- PVT-v2
+
+def _timm_pvt(name='pvt_v2_b0', seed=0):
+  timm = pytest.importorskip('timm')  # needs a torchvision that imports (see README, test requirements)
+  return _randomize(timm.create_model(name, pretrained=False, num_classes=0), seed)
+
+
+def _official_pvt_keys(timm_state):
+  """Hand-written timm -> official release naming (patch_embed1.., block1.., norm1.., dwconv.dwconv)."""
+  out = {}
+  for key, value in timm_state.items():
+    key = key.replace('patch_embed.', 'patch_embed1.', 1) if key.startswith('patch_embed.') else key
+    m = re.match(r'stages\.(\d)\.(downsample|blocks|norm)\.?(.*)', key)
+    if m:
+      n = int(m[1]) + 1
+      key = {'downsample': f'patch_embed{n}.{m[3]}', 'blocks': f'block{n}.{m[3]}', 'norm': f'norm{n}.{m[3]}'}[m[2]]
+    out[key.replace('mlp.dwconv.', 'mlp.dwconv.dwconv.')] = value
+  out['head.weight'] = torch.zeros(1000, 8)  # the release's classifier: dropped
+  out['head.bias'] = torch.zeros(1000)
+  return out
+
+
+@pytest.mark.parametrize('naming', ['timm', 'official'])
+def test_pvt_v2_b0_parity_through_files(tmp_path, naming):
+  # B0 with every parameter perturbed; a square input and a non-square one whose sides are not
+  # multiples of 32 (stage maps 18x25 -> 9x13 -> 5x7 -> 3x4; the stride-8 / stride-2 spatial
+  # reductions floor 18x25 -> 2x3 and 5x7 -> 2x3, as torch's conv does).
+  ref = _timm_pvt('pvt_v2_b0', seed=7)
+  state = ref.state_dict() if naming == 'timm' else _official_pvt_keys(ref.state_dict())
+  out = _convert(tmp_path, 'pvt_v2_b0', state)
+  meta = json.load(open(os.path.join(out, 'meta.json')))
+  assert meta['params'] == 3_409_760 and meta['module_kwargs']['kind'] == 'pvt_v2'
+  module = module_from_converted(out)
+  for size in ((64, 64), (72, 100)):
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+    with torch.no_grad():
+      expected = ref.forward_intermediates(x, intermediates_only=True)
+    for level, (ours, theirs) in enumerate(zip(_run(module, x), expected)):
+      _assert_close(ours, _nhwc(theirs), f'PVT-v2-B0 {size[0]}x{size[1]} ({naming}) C{level + 2}')
+
+
+def test_pvt_v2_wrong_size_is_one_line_naming_the_first_key(tmp_path, capsys):
+  # A B1 file given as B0 (same depths, wider) and as B2 (same widths, deeper): one line each.
+  pytest.importorskip('timm')
+  import timm
+  with torch.device('meta'):
+    b1 = timm.create_model('pvt_v2_b1', pretrained=False, num_classes=0)
+  b1_state = {k: torch.zeros(v.shape) for k, v in b1.state_dict().items()}
+  torch.save(b1_state, str(tmp_path / 'b1.pth'))
+  assert convert_main(['pvt_v2_b0', '--src', str(tmp_path / 'b1.pth'), '--out', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and "first mismatch, file key 'patch_embed.proj.weight' (64, 3, 7, 7)" in err, err
+  torch.save(_official_pvt_keys(b1_state), str(tmp_path / 'b1_official.pth'))
+  assert convert_main(['pvt_v2_b2', '--src', str(tmp_path / 'b1_official.pth'), '--out', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and "first mismatch, 'stages/0/blocks/2/" in err and 'is missing' in err, err
+  torch.save({'features.0.weight': torch.zeros(64, 1, 3, 3)}, str(tmp_path / 'vgg.pth'))
+  assert convert_main(['pvt_v2_b0', '--src', str(tmp_path / 'vgg.pth'), '--out', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and "'features.0.weight'" in err, err
