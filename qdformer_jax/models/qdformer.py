@@ -132,7 +132,9 @@ def dynamic_mask(features, params, centers, channels: int):
 
 
 class QDFormer(nnx.Module):
-  """The whole model; ``__call__(frames uint8 [B,T,H,W,3], log_mel [B,T,96,64], frame_valid)``."""
+  """The whole model; ``__call__(frames uint8 [B,T,H,W,3], log_mel [B,T,96,64], frame_valid)``
+  (``log_mel`` is the audio encoder's example per frame: AST filterbanks [B,T,98,128] with
+  ``model.audio.encoder='ast'``)."""
 
   def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
     cfg = config
@@ -154,7 +156,7 @@ class QDFormer(nnx.Module):
     self.encoder = DeformableEncoder(enc.layers, d, enc.heads, enc.points, self.num_levels, enc.ffn_dim,
                                      enc.dropout, rngs=rngs, dtype=dtype, remat=self.remat)
     self.audio_encoder = build_audio_encoder(cfg.audio, dtype=dtype, rngs=rngs)
-    self.audio_proj = nnx.Linear(128, d, dtype=dtype, rngs=rngs)
+    self.audio_proj = nnx.Linear(self.audio_encoder.out_dim, d, dtype=dtype, rngs=rngs)
     self.fusion = GlobalFusion(d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype, rngs=rngs)
     # Unit-scale prototypes: tokens of different slots start apart, so they do not all fall on one
     # codeword at initialisation (with near-zero prototypes every slot quantizes identically).
