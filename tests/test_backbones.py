@@ -84,6 +84,21 @@ def test_swin_t_param_count_matches_transformers():
   assert sum(p.numel() for p in ref.parameters()) == n - 2 * (96 + 192 + 384 + 768) + 2 * 768
 
 
+def test_ast_param_count_matches_transformers():
+  # The released AudioSet AST (MIT/ast-finetuned-audioset-10-10-0.4593) without its classifier:
+  # transformers ASTModel at the default config (768 wide, 12 layers, 1024 frames: 12 x 101 patches).
+  from qdformer_jax.models.ast import AST_SPECS, AudioSpectrogramTransformer
+  model = nnx.eval_shape(lambda: AudioSpectrogramTransformer(**AST_SPECS['base'], rngs=nnx.Rngs(0)))
+  n = count_params(model)
+  print(f'AST params: {n:,}')
+  assert n == 86_187_264 and model.out_dim == 768
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  with torch.device('meta'):
+    ref = transformers.ASTModel(transformers.ASTConfig())
+  assert n == sum(p.numel() for p in ref.parameters())
+
+
 # ---------------------------------------------------------------- ResNet behaviour
 
 def test_resnet_shapes_and_frozen_stats_are_not_params():
