@@ -338,10 +338,28 @@ def main(argv=None) -> dict:
   parser.add_argument('--compare', default='pvt_v2_b5,ast',
                       help="config words whose one stage is also measured: a backbone name (the backbone stage) "
                            "or 'ast' (the audio stage), each on the same frames / audio ('' for none)")
+  parser.add_argument('--compare_only', action='store_true', help='measure only the --compare rows')
   parser.add_argument('--out', default='', help='write the JSON here')
   args = parser.parse_args(argv)
 
   config = load_config(args.config)
+  if args.compare_only:
+    t, size, num_classes = (int(args.frames or config.data.num_frames), int(config.data.image_size),
+                            int(config.data.num_classes))
+    results = {'config': args.config, 'batch': args.batch, 'frames': t, 'image_size': size,
+               'compare': [compare_stage(args, w, t, size, num_classes) for w in filter(None, args.compare.split(','))]}
+    print('\n| stage | fwd GFLOP (XLA) | fwd GFLOP (formula) | XLA / formula | fwd+bwd GFLOP | fwd+bwd s |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for c in results['compare']:
+      formula = (c.get('formula') or {}).get('fwd')
+      f_gflop = '' if formula is None else f'{2 * formula / 1e9:.2f}'
+      ratio = '' if formula is None else f"{c['fwd_flops'] / args.batch / (2 * formula):.2f}"
+      print(f"| {c['stage']} with {c['word']} | {c['fwd_flops'] / args.batch / 1e9:.2f} | {f_gflop} | {ratio} | "
+            f"{c['fwd_bwd_flops'] / args.batch / 1e9:.2f} | {c['fwd_bwd_seconds']:.3f} |")
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(results, f, indent=1, default=float)
+    return results
   if args.frames:
     config.data.num_frames = args.frames
   if args.dtype:
