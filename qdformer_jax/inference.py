@@ -311,8 +311,9 @@ class Predictor:
       return a.astype(np.float32)
     examples = audio_lib.waveform_to_examples(a, sample_rate, encoder)
     if examples.shape[0] == 0:
+      example = 'one 25 ms AST frame' if encoder == 'ast' else 'one 0.96 s VGGish example'
       raise ValueError(f'{where}: the waveform ({a.shape[0]} samples at {sample_rate} Hz) is shorter than '
-                       'one audio example (0.96 s for VGGish); pass about 1 s of audio per frame')
+                       f'{example}; pass about 1 s of audio per frame')
     return audio_lib.pad_examples(examples, num_frames, self.audio_pad)
 
   def _log_mel(self, audio, batch: int, num_frames: int, sample_rate) -> np.ndarray:
