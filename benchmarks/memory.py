@@ -24,6 +24,10 @@ the figure remat is judged by here; on GPU/TPU the compiled memory follows them.
 
 ``--time_batch`` > 0 also times one train step at that batch per setting (after a warm-up step).
 
+``--compare`` (default ``pvt_v2_b5,ast``) adds rows for the comparison choices: the same step with
+PVT-v2-B5 as backbone, and with the Audio Spectrogram Transformer as audio encoder, under
+``--compare_settings`` (XLA analysis and timing where ``--xla`` / ``--time`` name the setting).
+
 FSDP (``--fsdp 1,2,4,8``): in a subprocess with 8 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8), the per-device bytes of the sharded train
 state (``sharding.shard_abstract``: the shard shape of every leaf on device 0, summed), for
@@ -98,11 +102,11 @@ def measure_setting(spec: str, dtype: str, remat: str, batch: int, xla: bool, ti
 
   from benchmarks.model_cost import make_batch, memory_of
   from qdformer_jax import sharding
-  from qdformer_jax.data import pipeline
+  from qdformer_jax.data import audio, pipeline
   from qdformer_jax.training import optim, train
 
   config = configure(spec, dtype, remat)
-  out = {'dtype': dtype, 'remat': remat, 'batch': batch}
+  out = {'config': spec, 'dtype': dtype, 'remat': remat, 'batch': batch}
   t0 = time.time()
   mesh = sharding.make_mesh(config)
   graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
@@ -123,7 +127,7 @@ def measure_setting(spec: str, dtype: str, remat: str, batch: int, xla: bool, ti
     with jax.threefry_partitionable(False):
       state = train.init_train_state(config, abstract_state, ())
     data = make_batch(time_batch, int(config.data.num_frames), int(config.data.image_size),
-                      int(config.data.num_classes))
+                      int(config.data.num_classes), audio.example_shape(config.data.audio_encoder))
     data = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.items()}
     t0 = time.time()
     state, metrics = step(state, data)
@@ -195,6 +199,18 @@ def print_tables(r: dict) -> None:
     step = f"{s['step_seconds']:.2f} ({s['time_batch']})" if 'step_seconds' in s else 'n/a'
     print(f"| {s['dtype']} | {s['remat']} | {gib(s['state_bytes'])} | {gib(s['grad_bytes'])} | "
           f"{gib(s['residual_bytes'])} | {gib(s['estimate_bytes'])} | {fits} | {xla} | {step} |")
+  if r.get('compare'):
+    print('\nThe comparison choices (the same step with another backbone or audio encoder):\n')
+    print('| config | dtype | remat | state GiB | grads GiB | residuals GiB | est. peak GiB | fits 16 GiB (est.) '
+          '| XLA:CPU total GiB (temp) | step s (batch) |')
+    print('|---|---|---|---:|---:|---:|---:|:---:|---:|---:|')
+    for s in r['compare']:
+      x = s.get('xla')
+      xla = f"{gib(x['total'])} ({gib(x['temp'])})" if x else 'n/a'
+      fits = 'yes' if s['estimate_bytes'] <= TARGET_GIB * GIB else 'no'
+      step = f"{s['step_seconds']:.2f} ({s['time_batch']})" if 'step_seconds' in s else 'n/a'
+      print(f"| {s['config']} | {s['dtype']} | {s['remat']} | {gib(s['state_bytes'])} | {gib(s['grad_bytes'])} | "
+            f"{gib(s['residual_bytes'])} | {gib(s['estimate_bytes'])} | {fits} | {xla} | {step} |")
   if r.get('fsdp'):
     base = r['fsdp'][0]['state_bytes_per_device']
     print(f"\nFSDP on {r['fsdp'][0]['devices']} fake CPU devices, mesh (data, fsdp): per-device train state "
@@ -218,6 +234,10 @@ def main(argv=None) -> dict:
   parser.add_argument('--time_batch', type=int, default=1, help='time one step at this batch (0: skip)')
   parser.add_argument('--time', default='float32:none,bfloat16:none,bfloat16:blocks',
                       help="settings timed ('all' or a list)")
+  parser.add_argument('--compare', default='pvt_v2_b5,ast',
+                      help="config words measured as extra rows (a backbone name, 'ast'); '' for none")
+  parser.add_argument('--compare_settings', default='float32:none,bfloat16:blocks',
+                      help='dtype:remat settings of the extra rows (XLA analysis and timing as --xla / --time)')
   parser.add_argument('--fsdp', default='1,2,4,8', help="mesh_fsdp values on 8 fake devices ('' to skip)")
   parser.add_argument('--out', default='', help='write the JSON here')
   parser.add_argument('--child', default='', help=argparse.SUPPRESS)
@@ -250,6 +270,20 @@ def main(argv=None) -> dict:
           + (f', step {row["step_seconds"]} s at batch {row["time_batch"]}' if 'step_seconds' in row else '')
           + f' ({row["wall_seconds"]} s)', flush=True)
     results['settings'].append(row)
+  results['compare'] = []
+  for word in filter(None, args.compare.split(',')):
+    spec = args.config + (',' if ':' in args.config else ':') + word
+    for key in filter(None, args.compare_settings.split(',')):
+      dtype, remat = key.split(':')
+      t0 = time.time()
+      row = run_child(['--config', spec, '--batch', str(args.batch), '--child',
+                       f"setting={dtype}:{remat}:{int(key in xla)}:{args.time_batch if key in timed else 0}"])
+      row['wall_seconds'] = round(time.time() - t0, 1)
+      print(f'  {spec} {key}: residuals {gib(row["residual_bytes"])} GiB, est. {gib(row["estimate_bytes"])} GiB'
+            + (f', XLA {gib(row["xla"]["total"])} GiB' if 'xla' in row else '')
+            + (f', step {row["step_seconds"]} s at batch {row["time_batch"]}' if 'step_seconds' in row else '')
+            + f' ({row["wall_seconds"]} s)', flush=True)
+      results['compare'].append(row)
   if args.fsdp:
     env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '')
                                       + ' --xla_force_host_platform_device_count=8').strip())

@@ -73,7 +73,8 @@ def parameter_counts(config) -> dict:
   return {'total': total, 'trained': trained, 'groups': groups, 'modules': dict(sorted(modules.items()))}
 
 
-def make_batch(batch: int, frames: int, size: int, num_classes: int) -> dict:
+def make_batch(batch: int, frames: int, size: int, num_classes: int, audio_shape: tuple = (96, 64)) -> dict:
+  """A random batch of the contract; ``audio_shape`` = ``data.audio.example_shape(model.audio.encoder)``."""
   rng = np.random.default_rng(0)
   semantic = np.zeros((batch, frames, size, size), np.uint8)
   for b in range(batch):
@@ -82,7 +83,7 @@ def make_batch(batch: int, frames: int, size: int, num_classes: int) -> dict:
         y, x = rng.integers(0, size // 2, 2)
         semantic[b, t, y:y + size // 3, x:x + size // 3] = cls
   return {'frames': jnp.asarray(rng.integers(0, 256, (batch, frames, size, size, 3), dtype=np.uint8)),
-          'log_mel': jnp.asarray(rng.normal(size=(batch, frames, 96, 64)), jnp.float32),
+          'log_mel': jnp.asarray(rng.normal(size=(batch, frames, *audio_shape)), jnp.float32),
           'semantic': jnp.asarray(semantic),
           'gt_valid': jnp.ones((batch, frames), bool), 'frame_valid': jnp.ones((batch, frames), bool)}
 

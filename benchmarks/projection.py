@@ -6,6 +6,7 @@
 What is measured here, and what is assumed:
 
   measured  FLOPs of one train step of each shipped config (``configs/{s4,ms3,avss}.py``, ResNet-50,
+            and the AVSS config with PVT-v2-B5 or AST,
             224², the config's T and global batch): forward, matching, losses, backward and the AdamW
             update, the project's own jitted step (``training.train.make_train_step``), counted by XLA's
             cost analysis of the lowered program (a multiply-add = 2 flops; the Hungarian matcher's
@@ -16,6 +17,10 @@ What is measured here, and what is assumed:
   assumed   peak dense bfloat16 FLOP/s per chip (vendor figures: TPU v5e 197 TFLOP/s, H100 SXM
             989 TFLOP/s) and a model FLOPs utilisation (``--mfu``, default 0.35) for the bfloat16
             compute path (``model.dtype=bfloat16``). Nothing here ran on those chips.
+
+The comparison rows (``avss_pvt_v2_b5``: PVT-v2-B5 backbone; ``avss_ast``: the Audio Spectrogram
+Transformer as audio encoder) are the AVSS config with that word; for ``avss_ast`` the per-core rate
+also pays the AST filterbanks the pipeline computes from each clip's waveform (timed here).
 
 Epoch = one pass over the train split (S4 3,452 clips, MS3 296, AVSS 8,498 = v1s 3,452 + v1m 296 +
 v2 4,750; AVSS clips are padded to T = 10 so every clip costs the same). Needed clips/s per host =
@@ -43,6 +48,9 @@ TASKS = {  # name: (config file, train clips per epoch, input-pipeline row givin
     's4': ('configs/s4.py', 3452, 'avs_object/s4'),
     'ms3': ('configs/ms3.py', 296, 'avs_object/s4'),
     'avss': ('configs/avss.py', 3452 + 296 + 4750, 'avs_semantic/all'),
+    # The comparison choices (issue: AVSegFormer / COMBO use PVT-v2-B5; a stronger audio encoder).
+    'avss_pvt_v2_b5': ('configs/avss.py:pvt_v2_b5', 3452 + 296 + 4750, 'avs_semantic/all'),
+    'avss_ast': ('configs/avss.py:ast', 3452 + 296 + 4750, 'avs_semantic/all'),
 }
 # (name, chips, chips per host, peak dense bfloat16 FLOP/s per chip, memory per chip GiB)
 HARDWARE = (
@@ -89,10 +97,31 @@ def pipeline_rates(path: str, seconds: float) -> dict:
   return {r['dataset']: r['clips_per_s'] for r in rows if r['mode'] == 'direct train'}
 
 
-def project(flops: dict, rates: dict, mfu: float) -> list[dict]:
+def ast_front_end_seconds(frames: int = 10, repeats: int = 3) -> float:
+  """Seconds one core spends on a clip's AST filterbanks (``frames`` seconds of audio -> [T, 98, 128]),
+  which an 'ast' config's pipeline computes on top of the decoding measured by input_pipeline.py."""
+  import numpy as np
+
+  from qdformer_jax.data import audio
+  waveform = np.random.default_rng(0).standard_normal(frames * audio.SAMPLE_RATE) * 0.1
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    audio.clip_examples(waveform, audio.SAMPLE_RATE, num_frames=frames, num_real=frames, pad_mode='zeros',
+                        encoder='ast')
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def project(flops: dict, rates: dict, mfu: float, ast_seconds: dict | None = None) -> list[dict]:
+  """``ast_seconds``: {task: AST front-end seconds per clip} for the 'ast' tasks (added to the
+  measured decode time per clip)."""
   rows = []
   for task, f in flops.items():
     _, clips, dataset = TASKS[task]
+    rate = rates[dataset]
+    if ast_seconds and task in ast_seconds:
+      rate = 1.0 / (1.0 / rate + ast_seconds[task])
     for name, chips, per_host, peak, memory in HARDWARE:
       clips_per_s = chips * peak * mfu / f['clip_flops']
       per_host_clips = clips_per_s * per_host / chips
@@ -100,8 +129,8 @@ def project(flops: dict, rates: dict, mfu: float) -> list[dict]:
                    'memory_gib_per_chip': memory, 'mfu': mfu, 'clips_per_s': clips_per_s,
                    'steps_per_s': clips_per_s / f['batch'], 'epoch_seconds': clips / clips_per_s,
                    'host_clips_per_s_needed': per_host_clips,
-                   'pipeline_clips_per_s_per_core': rates[dataset],
-                   'cores_needed_per_host': per_host_clips / rates[dataset]})
+                   'pipeline_clips_per_s_per_core': rate,
+                   'cores_needed_per_host': per_host_clips / rate})
   return rows
 
 
@@ -130,7 +159,7 @@ def print_tables(r: dict) -> None:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--mfu', type=float, default=0.35, help='assumed model FLOPs utilisation')
-  parser.add_argument('--tasks', default='s4,ms3,avss')
+  parser.add_argument('--tasks', default='s4,ms3,avss,avss_pvt_v2_b5,avss_ast')
   parser.add_argument('--pipeline_json', default='',
                       help="a benchmarks/input_pipeline.py --json result ('' = run it here)")
   parser.add_argument('--pipeline_seconds', type=float, default=8.0)
@@ -148,8 +177,10 @@ def main(argv=None) -> dict:
     print(f"  {task}: {flops[task]['step_flops'] / 1e9:.1f} GFLOP per step of {flops[task]['batch']} clips "
           f"({flops[task]['lower_seconds']} s to trace)", flush=True)
   rates = pipeline_rates(args.pipeline_json, args.pipeline_seconds)
+  ast_seconds = {task: ast_front_end_seconds(flops[task]['frames']) for task in tasks if task.endswith('_ast')}
   result = {'backend': jax.default_backend(), 'jax': jax.__version__, 'cpus': os.cpu_count(), 'mfu': args.mfu,
-            'flops': flops, 'pipeline_clips_per_s_per_core': rates, 'projection': project(flops, rates, args.mfu)}
+            'flops': flops, 'pipeline_clips_per_s_per_core': rates, 'ast_front_end_seconds_per_clip': ast_seconds,
+            'projection': project(flops, rates, args.mfu, ast_seconds)}
   print_tables(result)
   if args.out:
     with open(args.out, 'w') as f:

@@ -21,6 +21,10 @@ step differentiates; the loss stage: of the model outputs), on the activations t
 stages produced. Next to XLA's count, each stage's FLOPs from its formula (``formulas``): a stage
 whose XLA count is far above its formula does work the model does not need.
 
+``--compare`` (default ``pvt_v2_b5,ast``) adds rows for the comparison choices: the backbone stage
+with PVT-v2-B5 and the audio stage with the Audio Spectrogram Transformer (each built from the
+config with that word, on the same frames / one-second filterbanks), next to their formulas.
+
 The whole train step (``training.train.make_train_step``) is compiled, counted and timed in the
 same run, as is the backbone forward + backward alone (= a bare ResNet-50 with the model's frozen
 stages on the same frames): ``ratio`` = the step's achieved FLOP/s over the backbone's.
@@ -45,8 +49,11 @@ if ROOT not in sys.path:
 
 from benchmarks.model_cost import flops_of, load_config, make_batch  # noqa: E402
 from qdformer_jax import sharding  # noqa: E402
+from qdformer_jax.data import audio  # noqa: E402
 from qdformer_jax.losses.criterion import compute_loss  # noqa: E402
+from qdformer_jax.models.ast import patch_grid  # noqa: E402
 from qdformer_jax.models.layers import path_prefix_filter  # noqa: E402
+from qdformer_jax.models.pvt import PVT_V2_SPECS  # noqa: E402
 from qdformer_jax.models.vggish import VGGISH_CONVS, VGGISH_FCS  # noqa: E402
 from qdformer_jax.training import optim, train  # noqa: E402
 
@@ -89,6 +96,37 @@ def resnet_macs(size: int, depth_blocks=(3, 4, 6, 3), width: int = 64, frozen_st
   return total, trained
 
 
+def pvt_macs(size: int, name: str, frozen_stages: int = 1) -> tuple[int, int]:
+  """(all MACs, MACs of the trained stages) of one PVT-v2 image: overlapping patch convs, then per
+  block q (N C^2), the spatial-reduction conv (N' r^2 C^2) and kv (2 N' C^2) on N' = (h/r)(w/r)
+  tokens, QK^T + AV (2 N N' C), the output projection (N C^2), fc1 + fc2 (2 N C h) and the 3x3
+  depth-wise conv (9 N h), h = mlp_ratio C."""
+  spec = PVT_V2_SPECS[name]
+  total = trained = 0
+  side, cin = size, 3
+  for i in range(4):
+    kernel, stride = (7, 4) if i == 0 else (3, 2)
+    side = -(-side // stride)
+    c, r, hidden = spec['embed_dims'][i], spec['sr_ratios'][i], int(spec['embed_dims'][i] * spec['mlp_ratios'][i])
+    n, reduced = side * side, (side // r) ** 2
+    block = 2 * n * c * c + reduced * (r * r * c * c if r > 1 else 0) + 2 * reduced * c * c + 2 * n * reduced * c
+    block += 2 * n * c * hidden + 9 * n * hidden
+    stage = n * kernel * kernel * cin * c + spec['depths'][i] * block
+    total += stage
+    trained += stage if i + 1 > frozen_stages else 0
+    cin = c
+  return total, trained
+
+
+def ast_macs(spec, d: int) -> int:
+  """MACs of one AST example (one second, 98 x 128 filterbanks) + its Linear(hidden, d): the patch
+  conv (P 16^2 C), per layer 4 n C^2 (q, k, v, o) + 2 n^2 C (QK^T, AV) + 2 n C m (MLP), n = P + 2."""
+  mel, time_patches = patch_grid(98, 128, 16, 10, 10)
+  p = mel * time_patches
+  c, m, n = spec.hidden_size, spec.mlp_dim, p + 2
+  return p * 256 * c + spec.layers * (4 * n * c * c + 2 * n * n * c + 2 * n * c * m) + c * d
+
+
 def level_sizes(size: int, levels: int) -> list[int]:
   sides = [size // 8, size // 16, size // 32]
   for _ in range(levels - 3):
@@ -105,27 +143,38 @@ def formulas(config, frames: int) -> dict:
   tokens = sum(s * s for s in sides)
   levels = m.num_feature_levels
   out = {}
-  if m.backbone.name != 'resnet50' or m.audio.encoder != 'vggish':
-    return out  # the formulas below are those of the paper's ResNet-50 + VGGish model
-  total, trained = resnet_macs(size, frozen_stages=m.backbone.frozen_stages)
-  out['backbone'] = {'fwd': t * total, 'trained_fwd': t * trained,
-                     'what': 'ResNet-50 convs: sum over convs of h_out*w_out*k^2*c_in*c_out per frame'}
+  if m.backbone.name == 'resnet50':
+    total, trained = resnet_macs(size, frozen_stages=m.backbone.frozen_stages)
+    chans = (256, 512, 1024, 2048)
+    out['backbone'] = {'fwd': t * total, 'trained_fwd': t * trained,
+                       'what': 'ResNet-50 convs: sum over convs of h_out*w_out*k^2*c_in*c_out per frame'}
+  elif m.backbone.name in PVT_V2_SPECS and 'depths' not in m.backbone:  # a preset, not a smoke variant
+    total, trained = pvt_macs(size, m.backbone.name, m.backbone.frozen_stages)
+    chans = PVT_V2_SPECS[m.backbone.name]['embed_dims']
+    out['backbone'] = {'fwd': t * total, 'trained_fwd': t * trained,
+                       'what': f'{m.backbone.name}: patch convs + per block q, SR conv, kv, attention, proj, '
+                               'MLP with depth-wise conv'}
+  else:
+    return out  # formulas exist for the paper's ResNet-50 and the PVT-v2 presets
   enc = m.encoder
   samples = enc.heads * levels * enc.points
-  proj = (sides[0] ** 2 * 512 + sides[1] ** 2 * 1024 + sides[2] ** 2 * 2048) * d
-  proj += sum(sides[3 + i] ** 2 * 9 * (2048 if i == 0 else d) * d for i in range(levels - 3))
+  proj = (sides[0] ** 2 * chans[1] + sides[1] ** 2 * chans[2] + sides[2] ** 2 * chans[3]) * d
+  proj += sum(sides[3 + i] ** 2 * 9 * (chans[3] if i == 0 else d) * d for i in range(levels - 3))
   per_token = 2 * d * d + d * samples * 3 + 2 * d * enc.ffn_dim + samples * 4 * (d // enc.heads)
   out['encoder'] = {'fwd': t * (proj + enc.layers * tokens * per_token),
                     'what': f'1x1/3x3 input projections + {enc.layers} layers x S={tokens} tokens x (value+output '
                             'proj 2d^2 + offsets/weights 3d*M*L*P + FFN 2d*ffn + bilinear 4*M*L*P*Dh)'}
-  vgg, side, chans = 0, (96, 64), 1
+  vgg, side = 0, (96, 64)
   for _, cin, cout, pool in VGGISH_CONVS:
     vgg += side[0] * side[1] * 9 * cin * cout
     if pool:
       side = (side[0] // 2, side[1] // 2)
   vgg += sum(a * b for _, a, b in VGGISH_FCS) + 128 * d
-  del chans
-  out['audio'] = {'fwd': t * vgg, 'what': 'VGGish convs + FCs + Linear(128, d), per 0.96 s example'}
+  if m.audio.encoder == 'vggish':
+    out['audio'] = {'fwd': t * vgg, 'what': 'VGGish convs + FCs + Linear(128, d), per 0.96 s example'}
+  elif m.audio.encoder == 'ast':
+    out['audio'] = {'fwd': t * ast_macs(m.audio.ast, d),
+                    'what': 'AST patch conv + layers (q, k, v, o, attention, MLP) + Linear(hidden, d), per second'}
   hw = sides[2] ** 2
   attn = lambda q, k: 2 * q * d * d + 2 * k * d * d + 2 * q * k * d  # noqa: E731  projections + QK^T + AV
   fusion = attn(t, t * hw) + 2 * t * d * ffn
@@ -137,7 +186,7 @@ def formulas(config, frames: int) -> dict:
   out['avsr'] = {'fwd': levels * n * d * d * d + t * tokens * d * d,
                  'what': 'per level the clip\'s d x d mix sum_i diag(w_i) W_i (N*d^3), then T*S*d^2'}
   s4, s8, s16 = size // 4, sides[0], sides[1]
-  fpn = (s16 ** 2 + s8 ** 2) * d * d + s4 ** 2 * 256 * d        # laterals (C2 has 256 channels)
+  fpn = (s16 ** 2 + s8 ** 2) * d * d + s4 ** 2 * chans[0] * d   # laterals (C2: 256 channels in R50)
   fpn += (s16 ** 2 + s8 ** 2 + s4 ** 2) * 9 * d * d + s4 ** 2 * d * m.mask_dim
   out['fpn'] = {'fwd': t * fpn, 'what': '3 laterals 1x1 + 3 outputs 3x3 at strides 16, 8, 4 + 1x1 head'}
   c = m.dynamic_channels
@@ -252,6 +301,32 @@ def optimizer_stage(graphdef, state, trained_params, repeats):
   return {'fwd_flops': flops, 'fwd_seconds': seconds, 'fwd_bwd_flops': flops, 'fwd_bwd_seconds': seconds}
 
 
+def compare_stage(args, word: str, t: int, size: int, num_classes: int) -> dict:
+  """The one stage that config word ``word`` changes (backbone, or audio for 'ast'), measured like the
+  main run's stages on a model built from ``args.config`` + ``word``."""
+  spec = args.config + (',' if ':' in args.config else ':') + word
+  config = load_config(spec)
+  if args.frames:
+    config.data.num_frames = args.frames
+  if args.dtype:
+    config.model.dtype = config.model.backbone.dtype = args.dtype
+  if args.remat:
+    config.model.remat = args.remat
+  name = 'audio' if word == 'ast' else 'backbone'
+  mesh = sharding.make_mesh(config)
+  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
+  with jax.threefry_partitionable(False):
+    state = train.init_train_state(config, abstract_state, ())
+  batch = make_batch(args.batch, t, size, num_classes, audio.example_shape(config.data.audio_encoder))
+  model_graphdef, model_state = nnx.split(nnx.merge(graphdef, state)[0])
+  trained = optim.trainable_filter(nnx.merge(model_graphdef, model_state))
+  fn = make_stages(model_graphdef, config, num_classes)[name]
+  static = {'log_mel': batch['log_mel']} if name == 'audio' else {'frames': batch['frames']}
+  _, record = run_stage(name, fn, model_graphdef, model_state, trained, {}, static, args.repeats)
+  del state, model_state
+  return {'word': word, 'stage': name, 'config': spec, 'formula': formulas(config, t).get(name), **record}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default='configs/s4.py', help='task config file[:args]')
@@ -260,10 +335,31 @@ def main(argv=None) -> dict:
   parser.add_argument('--dtype', default='', help="model.dtype and backbone dtype ('' = the config's)")
   parser.add_argument('--remat', default='', help="model.remat ('' = the config's)")
   parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--compare', default='pvt_v2_b5,ast',
+                      help="config words whose one stage is also measured: a backbone name (the backbone stage) "
+                           "or 'ast' (the audio stage), each on the same frames / audio ('' for none)")
+  parser.add_argument('--compare_only', action='store_true', help='measure only the --compare rows')
   parser.add_argument('--out', default='', help='write the JSON here')
   args = parser.parse_args(argv)
 
   config = load_config(args.config)
+  if args.compare_only:
+    t, size, num_classes = (int(args.frames or config.data.num_frames), int(config.data.image_size),
+                            int(config.data.num_classes))
+    results = {'config': args.config, 'batch': args.batch, 'frames': t, 'image_size': size,
+               'compare': [compare_stage(args, w, t, size, num_classes) for w in filter(None, args.compare.split(','))]}
+    print('\n| stage | fwd GFLOP (XLA) | fwd GFLOP (formula) | XLA / formula | fwd+bwd GFLOP | fwd+bwd s |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for c in results['compare']:
+      formula = (c.get('formula') or {}).get('fwd')
+      f_gflop = '' if formula is None else f'{2 * formula / 1e9:.2f}'
+      ratio = '' if formula is None else f"{c['fwd_flops'] / args.batch / (2 * formula):.2f}"
+      print(f"| {c['stage']} with {c['word']} | {c['fwd_flops'] / args.batch / 1e9:.2f} | {f_gflop} | {ratio} | "
+            f"{c['fwd_bwd_flops'] / args.batch / 1e9:.2f} | {c['fwd_bwd_seconds']:.3f} |")
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(results, f, indent=1, default=float)
+    return results
   if args.frames:
     config.data.num_frames = args.frames
   if args.dtype:
@@ -277,7 +373,7 @@ def main(argv=None) -> dict:
   graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
   with jax.threefry_partitionable(False):
     state = train.init_train_state(config, abstract_state, ())
-  batch = make_batch(args.batch, t, size, num_classes)
+  batch = make_batch(args.batch, t, size, num_classes, audio.example_shape(config.data.audio_encoder))
   model_graphdef, model_state = nnx.split(nnx.merge(graphdef, state)[0])
   trained = optim.trainable_filter(nnx.merge(model_graphdef, model_state))
   stages = make_stages(model_graphdef, config, num_classes)
@@ -292,8 +388,8 @@ def main(argv=None) -> dict:
 
   feats = go('backbone', {}, {'frames': batch['frames']})
   memory = go('encoder', {'feats': tuple(feats[1:])}, {'c2': feats[0]})
-  audio = go('audio', {}, {'log_mel': batch['log_mel']})
-  w_tokens, queries, vq = go('decomposition', {'coarse': memory[2], 'audio': audio},
+  audio_tokens = go('audio', {}, {'log_mel': batch['log_mel']})
+  w_tokens, queries, vq = go('decomposition', {'coarse': memory[2], 'audio': audio_tokens},
                              {'frame_valid': batch['frame_valid']})
   memory = go('avsr', {'memory': memory, 'w_tokens': w_tokens}, {})
   mask_features = go('fpn', {'memory': memory}, {'c2': feats[0]})
@@ -325,6 +421,7 @@ def main(argv=None) -> dict:
   backbone_rate = backbone['fwd_bwd_flops'] / backbone['fwd_bwd_seconds']
   results['ratio'] = step_rate / backbone_rate
   results['formulas'] = formulas(config, t)
+  results['compare'] = [compare_stage(args, word, t, size, num_classes) for word in filter(None, args.compare.split(','))]
   print_tables(results)
   if args.out:
     with open(args.out, 'w') as f:
@@ -348,6 +445,12 @@ def print_tables(r: dict) -> None:
     print(f"| {name} | {s['fwd_flops'] / b / 1e9:.2f} | {f_gflop} | {ratio} | {s['fwd_bwd_flops'] / b / 1e9:.2f} | "
           f"{s['fwd_bwd_seconds']:.3f} | {100 * s['fwd_bwd_seconds'] / total_time:.1f}% |")
   print(f"| sum of stages | | | | {total_flops / b / 1e9:.2f} | {total_time:.3f} | 100% |")
+  for c in r.get('compare', []):
+    formula = (c.get('formula') or {}).get('fwd')
+    f_gflop = '' if formula is None else f'{2 * formula / 1e9:.2f}'
+    ratio = '' if formula is None else f"{c['fwd_flops'] / b / (2 * formula):.2f}"
+    print(f"| {c['stage']} with {c['word']} (instead of the row above) | {c['fwd_flops'] / b / 1e9:.2f} | {f_gflop} | "
+          f"{ratio} | {c['fwd_bwd_flops'] / b / 1e9:.2f} | {c['fwd_bwd_seconds']:.3f} | |")
   step, bb = r['step'], r['backbone_fwd_bwd']
   print(f"| whole train step | | | | {step['flops'] / b / 1e9:.2f} | {step['seconds']:.3f} | |")
   print(f"\nachieved: train step {step['flops'] / step['seconds'] / 1e9:.1f} GFLOP/s; backbone (bare ResNet-50 with the "

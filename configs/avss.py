@@ -11,6 +11,8 @@ then train (ResNet-50 and VGGish weights converted as in configs/s4.py):
       --config.model.backbone.pretrained=R50 --config.model.audio.pretrained=VGGISH
   python main.py --config configs/avss.py:swin_t --workdir DIR --config.data.data_dir=DATA \
       --config.model.backbone.pretrained=SWIN_T --config.model.audio.pretrained=VGGISH
+  python main.py --config configs/avss.py:pvt_v2_b5 --workdir DIR --config.data.data_dir=DATA \
+      --config.model.backbone.pretrained=PVT_B5 --config.model.audio.pretrained=VGGISH
   python main.py --config configs/avss.py --workdir DIR --config.data.data_dir=DATA \
       --config.mode=eval --config.eval.split=test --config.eval.checkpoint=best
 
@@ -20,7 +22,7 @@ Smoke run (< 2 min on 2 CPU cores) on the fake release of tfds_builders/fixtures
   python -m tfds_builders.avs_semantic --raw_dir FIX/avsbench_semantic --data_dir FIX/tfds --config all
   python main.py --config configs/avss.py:smoke --workdir /tmp/qdf_avss_smoke --config.data.data_dir=FIX/tfds
 
-Arguments after ':' as in configs/s4.py: 'smoke', a backbone name ('swin_t', ...), 'literal'.
+Arguments after ':' as in configs/s4.py: 'smoke', a backbone name ('swin_t', 'pvt_v2_b5', ...), 'literal'.
 """
 from __future__ import annotations
 

@@ -52,8 +52,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.query_pos_from_token = False  # decoder query positions computed from the quantized token
   c.model.num_feature_levels = 4
   c.model.encoder = ml_collections.ConfigDict(dict(layers=4, heads=8, points=4, ffn_dim=2048, dropout=0.1))
+  # encoder: 'vggish' (the paper's) | 'ast' (Audio Spectrogram Transformer, AudioSet-trained; `ast` holds
+  # its size, the released model's by default) | 'small' (synthetic configs).
   c.model.audio = ml_collections.ConfigDict(dict(
-      encoder='vggish', width=16, trainable=False, pretrained=ml_collections.config_dict.placeholder(str)))
+      encoder='vggish', width=16, trainable=False, pretrained=ml_collections.config_dict.placeholder(str),
+      ast=ml_collections.ConfigDict(dict(hidden_size=768, layers=12, heads=12, mlp_dim=3072, max_frames=1024))))
+  # The audio front end the pipeline computes follows the encoder (VGGish log-mel, or AST filterbanks
+  # from the stored waveform): one field, referenced, so that --config.model.audio.encoder=ast is enough.
+  c.data.audio_encoder = c.model.audio.get_ref('encoder')
   c.model.heads = 8
   c.model.ffn_dim = 2048
   c.model.dropout = 0.1

@@ -33,7 +33,21 @@ def parse_args(arg: str, groups: dict[str, tuple[str, ...]]) -> dict[str, str | 
   return chosen
 
 
-BACKBONE_ARGS = {'smoke': ('smoke',), 'backbone': BACKBONE_NAMES, 'recipe': ('literal',)}
+BACKBONE_ARGS = {'smoke': ('smoke',), 'backbone': BACKBONE_NAMES, 'audio': ('ast',), 'recipe': ('literal',)}
+AUDIO_ARGS = {'audio': ('ast',)}
+# ':smoke,ast': an AST one layer deep and 32 wide over the one-second filterbanks (its position
+# table sized for one second), cheap enough for tests; without 'smoke' the released model's size.
+SMOKE_AST = dict(hidden_size=32, layers=1, heads=2, mlp_dim=64, max_frames=98)
+
+
+def apply_audio(c: ml_collections.ConfigDict, audio: str | None, smoke: bool) -> ml_collections.ConfigDict:
+  """The ':ast' argument: the Audio Spectrogram Transformer instead of VGGish (frozen, as VGGish, except
+  in smoke runs, which train their small encoders); the pipeline then computes AST filterbanks."""
+  if audio == 'ast':
+    c.model.audio.encoder = 'ast'
+    if smoke:
+      c.model.audio.ast.update(SMOKE_AST)
+  return c
 
 
 def apply_codebook_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -88,9 +102,10 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
-  """Applies the ':smoke', backbone and ':literal' arguments shared by every AVSBench task config."""
+  """Applies the ':smoke', backbone, ':ast' and ':literal' arguments shared by every AVSBench task config."""
   args = parse_args(arg, BACKBONE_ARGS)
   smoke, backbone = args['smoke'] is not None, args['backbone']
+  apply_audio(c, args['audio'], smoke)
   if args['recipe'] is None:
     apply_codebook_recipe(c)
   if smoke:
@@ -104,6 +119,11 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Con
       c.model.backbone.embed_dim = 16
       c.model.backbone.depths = (1, 1, 1, 1)
       c.model.backbone.num_heads = (1, 1, 2, 2)
+    if smoke and backbone.startswith('pvt_v2'):
+      c.model.backbone.embed_dims = (16, 16, 32, 32)
+      c.model.backbone.depths = (1, 1, 1, 1)
+      c.model.backbone.num_heads = (1, 1, 2, 2)
+      c.model.backbone.mlp_ratios = (2, 2, 2, 2)
   return c
 
 

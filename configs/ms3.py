@@ -19,7 +19,7 @@ Smoke run on the fake release:
   python -m tfds_builders.avs_object --raw_dir FIX/avsbench_object --data_dir FIX/tfds --config ms3
   python main.py --config configs/ms3.py:smoke --workdir /tmp/qdf_ms3_smoke --config.data.data_dir=FIX/tfds
 
-Arguments after ':' as in configs/s4.py: 'smoke', a backbone name ('swin_t', ...), 'literal'.
+Arguments after ':' as in configs/s4.py: 'smoke', a backbone name ('swin_t', 'pvt_v2_b5', ...), 'literal'.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ vggish-10086976.pth --out VGGISH`):
       --config.model.backbone.pretrained=R50 --config.model.audio.pretrained=VGGISH
   python main.py --config configs/s4.py:swin_t --workdir DIR --config.data.data_dir=DATA \
       --config.model.backbone.pretrained=SWIN_T
+  python main.py --config configs/s4.py:pvt_v2_b5 --workdir DIR --config.data.data_dir=DATA \
+      --config.model.backbone.pretrained=PVT_B5 --config.model.audio.pretrained=VGGISH
   python main.py --config configs/s4.py --workdir DIR --config.data.data_dir=DATA \
       --config.mode=eval --config.eval.split=test --config.eval.checkpoint=best
 
@@ -23,8 +25,8 @@ Smoke run (< 2 min on 2 CPU cores) on the fake release of tfds_builders/fixtures
   python main.py --config configs/s4.py:smoke --workdir /tmp/qdf_s4_smoke --config.data.data_dir=FIX/tfds
 
 Arguments after ':' (comma-separated): 'smoke' (configs.common.apply_smoke, 64² frames); a backbone
-name from qdformer_jax.models.backbones.BACKBONE_NAMES ('swin_t', 'resnet101', ...; with 'smoke' a
-narrow two-stage-deep variant of it); 'literal' (the paper's codebook recipe: plain L2 codebook, no
+name from qdformer_jax.models.backbones.BACKBONE_NAMES ('swin_t', 'resnet101', 'pvt_v2_b5', ...; with
+'smoke' a narrow, shallow variant of it); 'literal' (the paper's codebook recipe: plain L2 codebook, no
 dead-code restarts, Eq. 9 summed over d; by default the cosine codebook with restarts and Eq. 9
 averaged over d, see configs.common.apply_codebook_recipe for why). Unknown words are an error that
 lists the allowed ones.

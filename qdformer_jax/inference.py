@@ -24,7 +24,8 @@ the checkpoint was saved from (8 TPU chips -> one Colab GPU or a laptop CPU):
 
 ``Predictor.predict`` does the evaluation pipeline of one clip: frames warped to the config's
 ``image_size`` (``transforms.eval_transform``, PIL bilinear), audio as VGGish log-mel
-(``waveform_to_log_mel`` + ``pad_examples``: one 0.96 s example per frame), the model in eval mode,
+(``waveform_to_log_mel`` + ``pad_examples``: one 0.96 s example per frame; AST filterbanks, one per
+second, when the run's ``model.audio.encoder`` is 'ast'), the model in eval mode,
 then docs/DESIGN.md §3 post-processing with the mask logits upsampled bilinearly to the input resolution
 (``qdformer_jax.evaluation.postprocess``, the evaluator's own code).
 The model runs in one jitted program per model-input shape (B, T) and the post-processing in one per
@@ -280,6 +281,7 @@ class Predictor:
     self.num_frames = int(config.data.num_frames)
     self.class_names = class_names(config)
     self.audio_pad = registry.get(config.data.name).audio_pad
+    self.audio_encoder = config.model.audio.get('encoder', 'vggish')  # picks the front end (data.audio)
     self._forward = jax.jit(functools.partial(_forward, graphdef))
     self._postprocess = jax.jit(postprocess, static_argnames=('height', 'width', 'binary'))
 
@@ -298,16 +300,20 @@ class Predictor:
   def _clip_log_mel(self, audio, num_frames: int, sample_rate, clip: int) -> np.ndarray:
     where = f'audio[{clip}]' if clip >= 0 else 'audio'
     a = np.asarray(audio)
+    encoder = self.audio_encoder
     if sample_rate is None:
-      if a.shape != (num_frames, audio_lib.EXAMPLE_FRAMES, audio_lib.NUM_MEL_BINS):
+      shape = audio_lib.example_shape(encoder)
+      if a.shape != (num_frames, *shape):
+        kind = 'AST filterbanks' if encoder == 'ast' else 'VGGish log-mel'
         raise ValueError(
-            f'{where}: without sample_rate audio must be VGGish log-mel [{num_frames}, 96, 64] (one '
+            f'{where}: without sample_rate audio must be {kind} [{num_frames}, {shape[0]}, {shape[1]}] (one '
             f'example per frame), got shape {a.shape}; for a waveform pass sample_rate=')
       return a.astype(np.float32)
-    examples = audio_lib.waveform_to_log_mel(a, sample_rate)
+    examples = audio_lib.waveform_to_examples(a, sample_rate, encoder)
     if examples.shape[0] == 0:
+      example = 'one 25 ms AST frame' if encoder == 'ast' else 'one 0.96 s VGGish example'
       raise ValueError(f'{where}: the waveform ({a.shape[0]} samples at {sample_rate} Hz) is shorter than '
-                       'one 0.96 s VGGish example; pass about 1 s of audio per frame')
+                       f'{example}; pass about 1 s of audio per frame')
     return audio_lib.pad_examples(examples, num_frames, self.audio_pad)
 
   def _log_mel(self, audio, batch: int, num_frames: int, sample_rate) -> np.ndarray:
@@ -360,8 +366,8 @@ class Predictor:
         model like evaluation does; predictions come back at H×W.
       audio: VGGish log-mel [T,96,64] / [B,T,96,64], or with ``sample_rate`` a waveform (1-D or
         [n, channels]; int16 or float), or a list of B of either. A waveform becomes one 0.96 s
-        example per frame (``waveform_to_log_mel``); a short one is padded (``audio_pad``), a long
-        one trimmed to T examples.
+        example per frame (``waveform_to_log_mel``; with an AST run, AST filterbanks [T,98,128],
+        one per second); a short one is padded (``audio_pad``), a long one trimmed to T examples.
       sample_rate: the waveform's rate in Hz (any rate: resampled to 16 kHz). None: audio is log-mel.
       frame_valid: optional bool [T] or [B,T]; False marks padding frames (excluded from fusion).
       threshold: 0.5 in docs/DESIGN.md §3.

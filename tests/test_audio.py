@@ -1,8 +1,11 @@
-"""The VGGish log-mel front end (qdformer_jax.data.audio) against torchvggish, resampy and physics.
+"""The audio front ends (qdformer_jax.data.audio) against their references and physics: VGGish
+log-mel against torchvggish, resampling against resampy, the AST filterbank against transformers'
+ASTFeatureExtractor (and torchaudio's kaldi.fbank where torchaudio is installed).
 
-torchvggish / resampy / torch are only used here, through importorskip; the library is torch-free.
-Tolerances: log-mel max abs error <= 1e-5 against torchvggish (measured ~2e-7, float32 output
-rounding); resampling <= 1e-9 against resampy (measured ~6e-11, the filter table fit).
+torchvggish / resampy / torch / transformers / torchaudio are only used here, through importorskip;
+the library is torch-free. Tolerances: log-mel max abs error <= 1e-5 against torchvggish (measured
+~2e-7, float32 output rounding); resampling <= 1e-9 against resampy (measured ~6e-11, the filter
+table fit); AST filterbank <= 1e-5 (normalised units, |values| ~1) against the extractor.
 """
 from __future__ import annotations
 
@@ -225,3 +228,64 @@ def test_mix_at_snr():
   mixed = audio.mix_at_snr(signal, noise, 6.0)
   residual = mixed - signal
   assert abs(10 * np.log10(np.mean(signal ** 2) / np.mean(residual ** 2)) - 6.0) < 1e-9
+
+
+# ---------------------------------------------------------------- the AST front end
+
+def _ast_extractor():
+  pytest.importorskip('torch')  # the extractor returns torch-padded arrays
+  transformers = pytest.importorskip('transformers')
+  # max_length 98 = one second of frames: the extractor applied to each second is our contract.
+  return transformers.ASTFeatureExtractor(max_length=audio.AST_EXAMPLE_FRAMES)
+
+
+@pytest.mark.parametrize('rate', (16000, 44100))
+def test_ast_fbank_matches_the_feature_extractor_per_second(rate):
+  # 2.4 s: two whole seconds and a partial third (padded with zero frames, as the extractor pads).
+  rng = np.random.default_rng(rate)
+  waveform = _real_looking(rate, 2.4, rng)
+  ours = audio.waveform_to_ast_fbank(waveform, rate)
+  assert ours.shape == (3, 98, 128) and ours.dtype == np.float32
+  extractor = _ast_extractor()
+  resampled = audio.resample(audio.to_mono_float(waveform), rate)
+  for k in range(3):
+    second = resampled[k * 16000:(k + 1) * 16000]
+    # Our example k is the front end of second k alone.
+    np.testing.assert_array_equal(audio.waveform_to_ast_fbank(second, 16000)[0], ours[k])
+    # The extractor rounds its input to float32 first; near-silent frames then differ by ~2e-5 from
+    # the float64 path, so the comparison feeds both the same float32 samples.
+    second = second.astype(np.float32)
+    ref = extractor(second, sampling_rate=16000, return_tensors='np')['input_values'][0]
+    err = np.abs(audio.waveform_to_ast_fbank(second, 16000)[0] - ref).max()
+    print(f'AST fbank second {k} at {rate} Hz: max abs err {err:.2e} (max |ref| {np.abs(ref).max():.2f})')
+    assert err <= 1e-5
+
+
+def test_ast_fbank_matches_torchaudio_kaldi_when_installed():
+  torch = pytest.importorskip('torch')
+  kaldi = pytest.importorskip('torchaudio.compliance.kaldi')
+  waveform = _real_looking(16000, 1.0, np.random.default_rng(3))
+  ref = kaldi.fbank(torch.from_numpy(waveform.astype(np.float32))[None], sample_frequency=16000,
+                    window_type='hanning', num_mel_bins=128, dither=0.0).numpy()
+  ours = audio.kaldi_fbank(waveform)
+  assert ours.shape == ref.shape == (98, 128)
+  assert np.abs(ours - ref).max() <= 1e-3  # log units; float32 reference
+
+
+def test_ast_examples_count_and_layout():
+  assert audio.example_shape('ast') == (98, 128) and audio.example_shape('vggish') == (96, 64)
+  assert audio.example_shape('small') == (96, 64)
+  rate = 16000
+  assert audio.waveform_to_ast_fbank(np.zeros(399), rate).shape == (0, 98, 128)  # under one frame
+  assert audio.waveform_to_ast_fbank(np.zeros(16000 + 400), rate).shape == (2, 98, 128)
+  # A tone lands in its band: 1 kHz peaks in the Kaldi-mel band whose centre is nearest.
+  tone = np.sin(2 * np.pi * 1000 * np.arange(16000) / rate)
+  band = int(audio.waveform_to_ast_fbank(tone, rate)[0].mean(axis=0).argmax())
+  centres = np.linspace(1127 * np.log(1 + 20 / 700), 1127 * np.log(1 + 8000 / 700), 130)[1:-1]
+  assert abs(band - np.abs(centres - 1127 * np.log(1 + 1000 / 700)).argmin()) <= 1
+  # clip_examples: T = 5 frames, 3 real ones, 2.2 s of audio -> 3 examples (the third partial), zeros after.
+  ex = audio.clip_examples(tone.repeat(3)[:35200], rate, num_frames=5, num_real=3, pad_mode='repeat',
+                           encoder='ast')
+  assert ex.shape == (5, 98, 128) and not ex[3:].any() and ex[2].any()
+  vgg = audio.clip_examples(tone, rate, num_frames=4, num_real=2, pad_mode='repeat')
+  np.testing.assert_array_equal(vgg[1], vgg[0])  # one 0.96 s example, repeated to the real count

@@ -1,4 +1,4 @@
-"""Backbones: parameter counts (against torchvision / transformers / torchvggish), output shapes,
+"""Backbones: parameter counts (against torchvision / transformers / timm / torchvggish), output shapes,
 frozen BatchNorm variables, stage freezing (zero gradients + optimizer filter), the Swin attention
 mask (against a transcription of the reference's slice construction), `build_backbone`.
 
@@ -15,6 +15,7 @@ from flax import nnx
 
 from qdformer_jax.models.backbones import build_backbone, frozen_param_filter
 from qdformer_jax.models.layers import FrozenAffine, FrozenStat, count_params
+from qdformer_jax.models.pvt import PVT_V2_SPECS, PyramidVisionTransformerV2
 from qdformer_jax.models.resnet import ResNet
 from qdformer_jax.models.swin import SWIN_SPECS, SwinTransformer, shifted_window_mask
 from qdformer_jax.models.vggish import VGGish
@@ -81,6 +82,21 @@ def test_swin_t_param_count_matches_transformers():
   with torch.device('meta'):
     ref = transformers.SwinModel(config, add_pooling_layer=False)
   assert sum(p.numel() for p in ref.parameters()) == n - 2 * (96 + 192 + 384 + 768) + 2 * 768
+
+
+def test_ast_param_count_matches_transformers():
+  # The released AudioSet AST (MIT/ast-finetuned-audioset-10-10-0.4593) without its classifier:
+  # transformers ASTModel at the default config (768 wide, 12 layers, 1024 frames: 12 x 101 patches).
+  from qdformer_jax.models.ast import AST_SPECS, AudioSpectrogramTransformer
+  model = nnx.eval_shape(lambda: AudioSpectrogramTransformer(**AST_SPECS['base'], rngs=nnx.Rngs(0)))
+  n = count_params(model)
+  print(f'AST params: {n:,}')
+  assert n == 86_187_264 and model.out_dim == 768
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  with torch.device('meta'):
+    ref = transformers.ASTModel(transformers.ASTConfig())
+  assert n == sum(p.numel() for p in ref.parameters())
 
 
 # ---------------------------------------------------------------- ResNet behaviour
@@ -185,3 +201,85 @@ def test_swin_shapes_any_size_and_freezing():
   assert frozen == {p for p in flat if p[0] == 'patch_embed' or p[:2] == ('layers', 0)}
   for path, g in flat.items():
     assert np.any(g) != (path in frozen), path
+
+
+# ---------------------------------------------------------------- PVT-v2
+
+# timm `pvt_v2_b*` with num_classes=0 (no head), printed by the test below.
+PVT_V2_PARAMS = {'pvt_v2_b0': 3_409_760, 'pvt_v2_b1': 13_496_000, 'pvt_v2_b2': 24_849_856,
+                 'pvt_v2_b3': 44_725_696, 'pvt_v2_b4': 62_043_072, 'pvt_v2_b5': 81_443_008}
+
+
+def _timm_param_count(name):
+  timm = pytest.importorskip('timm')  # built on the meta device: no allocation, no download
+  torch = pytest.importorskip('torch')
+  with torch.device('meta'):
+    ref = timm.create_model(name, pretrained=False, num_classes=0)
+  return sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize('name', ['pvt_v2_b0', 'pvt_v2_b1', 'pvt_v2_b2'])  # B5: next test; B3, B4: 25 s more
+def test_pvt_v2_param_counts_match_timm(name):
+  model = nnx.eval_shape(lambda: build_backbone({'name': name}, nnx.Rngs(0)))
+  n = count_params(model)
+  print(f'{name} trunk params: {n:,}')
+  assert isinstance(model, PyramidVisionTransformerV2) and n == PVT_V2_PARAMS[name]
+  assert model.out_channels == PVT_V2_SPECS[name]['embed_dims']
+  assert n == _timm_param_count(name)
+
+
+def test_pvt_v2_b5_avss_config_backbone_equals_timm():
+  from configs import avss
+  from qdformer_jax.models import build_model
+  c = avss.get_config('pvt_v2_b5')
+  model = nnx.eval_shape(lambda: build_model(c, nnx.Rngs(0)))
+  n = count_params(model.backbone)
+  print(f'AVSS pvt_v2_b5: backbone {n:,} of {count_params(model):,} model params')
+  assert n == PVT_V2_PARAMS['pvt_v2_b5']
+  assert n == _timm_param_count('pvt_v2_b5')
+
+
+def _tiny_pvt_config(**over):
+  config = {'name': 'pvt_v2_b0', 'embed_dims': (8, 16, 24, 32), 'depths': (1, 2, 1, 1),
+            'num_heads': (1, 2, 3, 4), 'mlp_ratios': (2, 2, 2, 2), 'frozen_stages': 1}
+  config.update(over)
+  return config
+
+
+def test_pvt_v2_shapes_any_size_and_freezing():
+  model = _random_module(lambda: build_backbone(_tiny_pvt_config(), nnx.Rngs(0)))
+  assert isinstance(model, PyramidVisionTransformerV2) and model.out_channels == (8, 16, 24, 32)
+  x = jax.random.normal(jax.random.key(0), (1, 70, 100, 3))  # neither side a multiple of 32
+
+  def loss(m):
+    feats = m(x)
+    return sum(jnp.sum(f ** 2) for f in feats), feats
+
+  grads, feats = nnx.jit(nnx.grad(loss, has_aux=True))(model)
+  assert [f.shape for f in feats] == [(1, 18, 25, 8), (1, 9, 13, 16), (1, 5, 7, 24), (1, 3, 4, 32)]
+  assert all(np.isfinite(np.asarray(f)).all() for f in feats)
+  flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+  frozen = {p for p, _ in nnx.to_flat_state(nnx.state(model, frozen_param_filter(model)))}
+  assert frozen == {p for p in flat if p[:2] == ('stages', 0)}
+  for path, g in flat.items():
+    assert np.any(g) != (path in frozen), path
+
+
+def test_pvt_v2_remat_and_bfloat16():
+  config = _tiny_pvt_config(frozen_stages=-1)
+  plain = _random_module(lambda: build_backbone(config, nnx.Rngs(0)))
+  remat = _random_module(lambda: build_backbone(config, nnx.Rngs(0), remat='blocks'))
+  x = jax.random.normal(jax.random.key(1), (1, 40, 56, 3))
+
+  def loss(m):
+    return sum(jnp.sum(f ** 2) for f in m(x))
+
+  g_plain = nnx.jit(nnx.grad(loss))(plain)
+  g_remat = nnx.jit(nnx.grad(loss))(remat)
+  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):  # same ops, other fusion
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+  half = _random_module(lambda: build_backbone(dict(config, dtype='bfloat16'), nnx.Rngs(0)))
+  feats = nnx.jit(lambda m, x: m(x))(half, x)
+  assert all(f.dtype == jnp.bfloat16 for f in feats)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(half)))

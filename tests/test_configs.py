@@ -18,7 +18,7 @@ from qdformer_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {'s4': s4, 'ms3': ms3, 'avss': avss}
-ARGS = ('', 'smoke', 'swin_t', 'smoke,swin_t', 'literal', 'smoke,literal')
+ARGS = ('', 'smoke', 'swin_t', 'smoke,swin_t', 'literal', 'smoke,literal', 'pvt_v2_b5,ast', 'smoke,pvt_v2_b0,ast')
 
 # docs/DESIGN.md §4-6 and the AVSBench releases.
 RECIPES = {
@@ -52,8 +52,10 @@ def test_config_loads_with_the_paper_recipe(task, arg):
     assert c.total_steps == 0 and c.data.image_size == 224 and c.batch_size == 4
     assert (c.model.hidden_dim, c.model.num_queries, c.model.codebook_size) == (256, 5, 128)
     assert (c.optim.learning_rate, c.optim.backbone_lr_mult, c.optim.weight_decay) == (1e-4, 0.5, 5e-4)
-    assert c.model.audio.encoder == 'vggish'
-  expected_backbone = 'swin_t' if 'swin_t' in arg else ('resnet18' if smoke else 'resnet50')
+    assert c.model.audio.encoder == ('ast' if 'ast' in arg else 'vggish')
+  assert c.data.audio_encoder == c.model.audio.encoder  # the pipeline's front end follows the encoder
+  named = [b for b in ('swin_t', 'pvt_v2_b5', 'pvt_v2_b0') if b in arg]
+  expected_backbone = named[0] if named else ('resnet18' if smoke else 'resnet50')
   assert c.model.backbone.name == expected_backbone
   # The codebook recipe: cosine codebook + restarts + Eq. 9 averaged over d unless ':literal'.
   recipe = (c.model.vq_normalize, c.model.vq_restart_dead, c.loss.quant_reduction)
@@ -99,9 +101,9 @@ def param_count(config) -> tuple[int, nnx.Module]:
 
 
 # Tracing a paper-sized model costs ~10 s: the ResNet-50 one is traced (and counted module by
-# module) in tests/test_model.py, the Swin-T one here; S4 and MS3 build the same model as AVSS but
+# module) in tests/test_model.py, the Swin-T one here, the PVT-v2-B5 one in tests/test_backbones.py; S4 and MS3 build the same model as AVSS but
 # for the class head (test_object_models_equal_avss_model). Every smoke model is built.
-BUILDS = [('avss', 'swin_t')] + [(t, 'smoke') for t in TASKS] + [('s4', 'smoke,swin_t')]
+BUILDS = [('avss', 'swin_t')] + [(t, 'smoke') for t in TASKS] + [('s4', 'smoke,swin_t'), ('ms3', 'smoke,pvt_v2_b0,ast')]
 
 
 @pytest.mark.parametrize('task,arg', BUILDS)

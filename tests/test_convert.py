@@ -283,3 +283,145 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
   assert "'foo.bar'" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError, match='weights.msgpack'):
     load_converted(nnx.eval_shape(lambda: ResNet(18, rngs=nnx.Rngs(0))), str(tmp_path))
+
+
+# ---------------------------------------------------------------- PVT-v2
+
+def _timm_pvt(name='pvt_v2_b0', seed=0):
+  timm = pytest.importorskip('timm')  # needs a torchvision that imports (see README, test requirements)
+  return _randomize(timm.create_model(name, pretrained=False, num_classes=0), seed)
+
+
+def _official_pvt_keys(timm_state):
+  """Hand-written timm -> official release naming (patch_embed1.., block1.., norm1.., dwconv.dwconv)."""
+  out = {}
+  for key, value in timm_state.items():
+    key = key.replace('patch_embed.', 'patch_embed1.', 1) if key.startswith('patch_embed.') else key
+    m = re.match(r'stages\.(\d)\.(downsample|blocks|norm)\.?(.*)', key)
+    if m:
+      n = int(m[1]) + 1
+      key = {'downsample': f'patch_embed{n}.{m[3]}', 'blocks': f'block{n}.{m[3]}', 'norm': f'norm{n}.{m[3]}'}[m[2]]
+    out[key.replace('mlp.dwconv.', 'mlp.dwconv.dwconv.')] = value
+  out['head.weight'] = torch.zeros(1000, 8)  # the release's classifier: dropped
+  out['head.bias'] = torch.zeros(1000)
+  return out
+
+
+@pytest.mark.parametrize('naming', ['timm', 'official'])
+def test_pvt_v2_b0_parity_through_files(tmp_path, naming):
+  # B0 with every parameter perturbed; a square input and a non-square one whose sides are not
+  # multiples of 32 (stage maps 18x25 -> 9x13 -> 5x7 -> 3x4; the stride-8 / stride-2 spatial
+  # reductions floor 18x25 -> 2x3 and 5x7 -> 2x3, as torch's conv does).
+  ref = _timm_pvt('pvt_v2_b0', seed=7)
+  state = ref.state_dict() if naming == 'timm' else _official_pvt_keys(ref.state_dict())
+  out = _convert(tmp_path, 'pvt_v2_b0', state)
+  meta = json.load(open(os.path.join(out, 'meta.json')))
+  assert meta['params'] == 3_409_760 and meta['module_kwargs']['kind'] == 'pvt_v2'
+  module = module_from_converted(out)
+  for size in ((64, 64), (72, 100)):
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+    with torch.no_grad():
+      expected = ref.forward_intermediates(x, intermediates_only=True)
+    for level, (ours, theirs) in enumerate(zip(_run(module, x), expected)):
+      _assert_close(ours, _nhwc(theirs), f'PVT-v2-B0 {size[0]}x{size[1]} ({naming}) C{level + 2}')
+
+
+def test_pvt_v2_wrong_size_is_one_line_naming_the_first_key(tmp_path, capsys):
+  # A B1 file given as B0 (same depths, wider) and as B2 (same widths, deeper): one line each.
+  pytest.importorskip('timm')
+  import timm
+  with torch.device('meta'):
+    b1 = timm.create_model('pvt_v2_b1', pretrained=False, num_classes=0)
+  b1_state = {k: torch.zeros(v.shape) for k, v in b1.state_dict().items()}
+  torch.save(b1_state, str(tmp_path / 'b1.pth'))
+  assert convert_main(['pvt_v2_b0', '--src', str(tmp_path / 'b1.pth'), '--out', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and "first mismatch, file key 'patch_embed.proj.weight' (64, 3, 7, 7)" in err, err
+  torch.save(_official_pvt_keys(b1_state), str(tmp_path / 'b1_official.pth'))
+  assert convert_main(['pvt_v2_b2', '--src', str(tmp_path / 'b1_official.pth'), '--out', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and "first mismatch, 'stages/0/blocks/2/" in err and 'is missing' in err, err
+  torch.save({'features.0.weight': torch.zeros(64, 1, 3, 3)}, str(tmp_path / 'vgg.pth'))
+  assert convert_main(['pvt_v2_b0', '--src', str(tmp_path / 'vgg.pth'), '--out', str(tmp_path / 'o')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and "'features.0.weight'" in err, err
+
+
+# ---------------------------------------------------------------- Audio Spectrogram Transformer
+
+def _hf_ast(max_length, seed=0):
+  # 128 wide, 2 heads of 64 (the converter reads heads as hidden / 64, as the released model's 12),
+  # 2 layers; the released model's mel bins, patch and strides.
+  config = transformers.ASTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=256, max_length=max_length, num_mel_bins=128)
+  return _randomize(transformers.ASTModel(config), seed)
+
+
+def _old_hf_ast_keys(state):
+  """transformers < 5 `ASTForAudioClassification` naming (the hub's model.safetensors), with its head."""
+  out = {}
+  for key, value in state.items():
+    key = re.sub(r'^layers\.', 'encoder.layer.', key)
+    for new, old in (('attention.q_proj', 'attention.attention.query'), ('attention.k_proj', 'attention.attention.key'),
+                     ('attention.v_proj', 'attention.attention.value'), ('attention.o_proj', 'attention.output.dense'),
+                     ('mlp.fc1', 'intermediate.dense'), ('mlp.fc2', 'output.dense')):
+      key = key.replace(new, old)
+    out['audio_spectrogram_transformer.' + key] = value
+  out['classifier.layernorm.weight'] = torch.ones(128)
+  out['classifier.dense.weight'] = torch.zeros(527, 128)
+  return out
+
+
+def _official_ast_keys(state):
+  """The official release's naming (`module.v.` DeiT: fused qkv, patch_embed.proj, blocks, mlp_head)."""
+  out = {}
+  for key, value in state.items():
+    key = key.replace('embeddings.cls_token', 'cls_token').replace('embeddings.distillation_token', 'dist_token')
+    key = key.replace('embeddings.position_embeddings', 'pos_embed')
+    key = key.replace('embeddings.patch_embeddings.projection', 'patch_embed.proj')
+    key = re.sub(r'^layers\.', 'blocks.', key).replace('layernorm_before', 'norm1').replace('layernorm_after', 'norm2')
+    key = key.replace('attention.o_proj', 'attn.proj').replace('layernorm.', 'norm.')
+    out['module.v.' + key] = value
+  for i in range(2):
+    p = f'module.v.blocks.{i}.'
+    for leaf in ('weight', 'bias'):
+      out[p + f'attn.qkv.{leaf}'] = torch.cat([out.pop(p + f'attention.{n}_proj.{leaf}') for n in 'qkv'], 0)
+  out['module.mlp_head.1.weight'] = torch.zeros(527, 128)
+  return out
+
+
+def _ast_input(seed):
+  return torch.randn(2, 98, 128, generator=torch.Generator().manual_seed(seed))  # one second each
+
+
+@pytest.mark.parametrize('naming', ['hf', 'old_hf', 'official'])
+def test_ast_parity_through_files(tmp_path, naming):
+  ref = _hf_ast(98, seed=11)
+  state = {'hf': lambda s: s, 'old_hf': _old_hf_ast_keys, 'official': _official_ast_keys}[naming](ref.state_dict())
+  out = _convert(tmp_path, 'ast', state)
+  meta = json.load(open(os.path.join(out, 'meta.json')))
+  assert meta['params'] == sum(p.numel() for p in ref.parameters())
+  assert meta['module_kwargs']['heads'] == 2 and meta['module_kwargs']['layers'] == 2
+  module = module_from_converted(out)
+  x = _ast_input(4)
+  with torch.no_grad():
+    expected = ref(x).pooler_output.numpy()
+  ours = nnx.jit(lambda m, x: m(x))(module, jnp.asarray(x.numpy()))
+  _assert_close(ours, expected, f'AST embedding ({naming})')
+
+
+def test_ast_one_second_uses_the_middle_of_a_longer_position_table(tmp_path):
+  # Trained on 300 frames (29 time patches), run on one second (9): the middle columns 10..18 of each
+  # of the 12 mel rows, as the official code cuts the AudioSet table for shorter inputs.
+  long = _hf_ast(300, seed=12)
+  module = module_from_converted(_convert(tmp_path, 'ast', long.state_dict()))
+  short = _hf_ast(98, seed=0)
+  state = dict(long.state_dict())
+  table = state['embeddings.position_embeddings']
+  grid = table[:, 2:].reshape(1, 12, 29, 128)[:, :, 10:19].reshape(1, 12 * 9, 128)
+  state['embeddings.position_embeddings'] = torch.cat([table[:, :2], grid], 1)
+  short.load_state_dict(state)
+  x = _ast_input(5)
+  with torch.no_grad():
+    expected = short(x).pooler_output.numpy()
+  _assert_close(nnx.jit(lambda m, x: m(x))(module, jnp.asarray(x.numpy())), expected, 'AST 1 s from a 3 s table')

@@ -310,6 +310,21 @@ def test_predict_input_errors(best):
     best.predict(frames, log_mel, frame_valid=np.ones(2, bool))
 
 
+
+def test_predictor_audio_follows_the_audio_encoder():
+  """A run with model.audio.encoder='ast' turns waveforms into AST filterbanks (one per second) and
+  names that shape when given precomputed examples of another (no model needed: the input step only)."""
+  from qdformer_jax import inference
+  from qdformer_jax.data import audio
+  predictor = inference.Predictor.__new__(inference.Predictor)
+  predictor.audio_encoder, predictor.audio_pad = 'ast', 'repeat'
+  wave = np.random.default_rng(0).standard_normal(2 * 16000) * 0.1
+  got = predictor._clip_log_mel(wave, 3, 16000, -1)  # 2 s for 3 frames: the last second repeated
+  expected = audio.waveform_to_ast_fbank(wave, 16000)
+  np.testing.assert_array_equal(got, np.concatenate([expected, expected[-1:]]))
+  with pytest.raises(ValueError, match=r'AST filterbanks \[3, 98, 128\]'):
+    predictor._clip_log_mel(np.zeros((3, 96, 64), np.float32), 3, None, -1)
+
 NOTEBOOK = os.path.join(os.path.dirname(__file__), '..', 'notebooks', 'colab_predict.ipynb')
 
 

@@ -158,6 +158,23 @@ def test_noisy_log_mel_in_the_eval_pipeline(data_dir):
   assert not np.allclose(other_seed['log_mel'], batch['log_mel'])
 
 
+def test_ast_filterbanks_in_the_pipeline_clean_and_noisy(data_dir):
+  """model.audio.encoder='ast': the pipeline computes AST filterbanks from the stored waveform, clean
+  and, in the noise sweep, from the same mixture as the log-mel path."""
+  config = tiny_config(data_dir)
+  config.model.audio.encoder = 'ast'  # data.audio_encoder follows (a reference)
+  assert config.data.audio_encoder == 'ast'
+  record = registry.open_source(config.data, 'val')[0]
+  wave = records.decode_audio(record)
+  clean = next(pipeline.make_eval_iterator(config.data, 'val', global_batch_size=2, limit=3)[0])
+  assert clean['log_mel'].shape == (2, 3, 98, 128)
+  np.testing.assert_array_equal(clean['log_mel'][0], audio.waveform_to_ast_fbank(wave, 16000)[:3])
+  noisy = next(pipeline.make_eval_iterator(_with_noise(config.data, 0.0), 'val', global_batch_size=2, limit=3)[0])
+  n = noise.pink_noise(wave.size, np.random.default_rng([0, 0]))
+  mixed = wave + n * np.sqrt(np.mean(wave ** 2) / np.mean(n ** 2))
+  np.testing.assert_allclose(noisy['log_mel'][0], audio.waveform_to_ast_fbank(mixed, 16000)[:3], rtol=0, atol=1e-4)
+
+
 def test_avsbench_records_hold_their_waveform(tmp_path):
   from tfds_builders import fixtures
   from tfds_builders.avs_object import AvsObject

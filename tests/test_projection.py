@@ -27,6 +27,11 @@ def test_projection_arithmetic():
   avss = rows[('avss', 'H100 SXM, 1 GPU')]
   assert avss['epoch_seconds'] == pytest.approx(8498 * 5.0e12 / (989e12 * 0.5))
   assert avss['cores_needed_per_host'] == pytest.approx(avss['clips_per_s'] / 4.0)
+  # An 'ast' task's pipeline also computes the filterbanks: 0.25 s per clip on top of 1 / 4 clips/s.
+  flops = {'avss_ast': {'batch': 4, 'clip_flops': 5.0e12}}
+  row = projection.project(flops, rates, mfu=0.5, ast_seconds={'avss_ast': 0.25})[0]
+  assert row['pipeline_clips_per_s_per_core'] == pytest.approx(2.0)
+  assert row['cores_needed_per_host'] == pytest.approx(row['clips_per_s'] / 2.0)
 
 
 def test_lowered_step_flops_match_the_compiled_step():

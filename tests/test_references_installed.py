@@ -12,7 +12,8 @@ import pytest
 # Module -> what imports it (each parity test skips through importorskip when it is missing).
 REFERENCES = {
     'torch': 'every PyTorch parity test',
-    'transformers': 'ResNet / Swin parity (tests/test_backbones.py, tests/test_convert.py)',
+    'transformers': 'ResNet / Swin / AST parity and the AST front end (tests/test_backbones.py, '
+                    'tests/test_convert.py, tests/test_audio.py)',
     'safetensors': 'the HF safetensors converter test (tests/test_convert.py)',
     'torchvggish': 'VGGish parity (tests/test_backbones.py, tests/test_convert.py; needs soundfile)',
     'torchvggish.vggish_input': 'log-mel parity (tests/test_audio.py; needs soundfile)',

@@ -78,6 +78,29 @@ def test_train_step_is_one_program_compiled_once(data_dir):
   assert all(np.isfinite(losses))
 
 
+def test_pvt_backbone_and_ast_audio_train_a_step(data_dir):
+  """The two comparison choices together, small (configs/common.py's ':smoke' PVT-v2 and AST sizes):
+  the pipeline computes AST filterbanks [B,T,98,128] from the stored waveform, and a train step runs
+  (one compile for both; `main.py --config configs/synthetic.py:smoke,ast` and
+  `--config.model.backbone.name=pvt_v2_b0` are the full smoke runs)."""
+  from configs import common
+  config = tiny_config(data_dir)
+  config.model.backbone.update(name='pvt_v2_b0', embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1),
+                               num_heads=(1, 1, 2, 2), mlp_ratios=(2, 2, 2, 2))
+  common.apply_audio(config, 'ast', smoke=True)
+  config.model.audio.trainable = False
+  assert config.data.audio_encoder == 'ast'
+  mesh = sharding.make_mesh(config)
+  graphdef, state, abstract = train.create_train_state(config, mesh, (1,))
+  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+  host = next(it)
+  assert host['log_mel'].shape == (2, 3, 98, 128) and np.isfinite(host['log_mel']).all()
+  pipeline.check_batch(host, pipeline.batch_spec(config.data, config.batch_size, mesh), config.data)
+  state, metrics = step(state, pipeline.to_global(pipeline.device_batch(host), mesh))
+  assert np.isfinite(float(metrics['loss']))
+
+
 def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
   """audio.trainable=False and frozen backbone stages: one train step leaves them bit-identical (not
   in the optimizer: no update and no AdamW weight decay), while the rest of the model moves.

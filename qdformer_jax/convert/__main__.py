@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m qdformer_jax.convert',
       description='Convert PyTorch backbone weights (torchvision/HF ResNet, official/HF Swin, '
-                  'torchvggish VGGish) into a directory load_converted() reads.')
+                  'official/timm PVT-v2, torchvggish VGGish, HF/official AST) into a directory load_converted() reads.')
   parser.add_argument('arch', choices=ARCHS,
                       help="architecture; 'resnet'/'swin' accept any size the file holds")
   parser.add_argument('--src', required=True, help='PyTorch weight file (.pth/.pt/.bin/.safetensors)')

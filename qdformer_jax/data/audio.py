@@ -1,4 +1,5 @@
-"""The VGGish log-mel front end in NumPy/SciPy (docs/DESIGN.md §4.1).
+"""The audio front ends in NumPy/SciPy (docs/DESIGN.md §4.1): VGGish log-mel and, for the Audio
+Spectrogram Transformer, Kaldi filterbanks (:func:`waveform_to_ast_fbank`, :func:`waveform_to_examples`).
 
 A torch-free transcription of torchvggish's ``vggish_input.waveform_to_examples`` and
 ``mel_features``: mono mix-down, resampling to 16 kHz, 25 ms periodic-Hann frames every 10 ms,
@@ -204,6 +205,86 @@ def waveform_to_log_mel(waveform: np.ndarray, sample_rate: float) -> np.ndarray:
   return np.ascontiguousarray(examples, dtype=np.float32).reshape(-1, EXAMPLE_FRAMES, NUM_MEL_BINS)
 
 
+
+# -- the Audio Spectrogram Transformer's front end (model.audio.encoder = 'ast') --------------------
+# Kaldi-compatible log mel filterbank as the AST reference computes it (transformers'
+# ASTFeatureExtractor = torchaudio.compliance.kaldi.fbank(window_type='hanning', num_mel_bins=128)
+# on the float waveform): 25 ms frames every 10 ms with snip_edges (only whole frames), per-frame DC
+# removal, pre-emphasis 0.97 (the first sample against itself), symmetric Hann window, 512-point
+# power spectrum, 128 triangular bands on Kaldi's mel scale (1127 ln(1 + f/700)) over 20-8000 Hz
+# without the Nyquist bin, natural log floored at float32 epsilon; then AST's AudioSet
+# normalisation (x - mean) / (2 std). One example per second of audio (16,000 samples -> 98
+# frames), the contract every audio encoder of the model keeps; a partial last second of at least
+# one frame is its own example, its missing frames zero before the normalisation (as the
+# extractor pads to max_length).
+
+AST_NUM_MEL_BINS = 128
+AST_EXAMPLE_SAMPLES = SAMPLE_RATE  # one second
+AST_EXAMPLE_FRAMES = 1 + (AST_EXAMPLE_SAMPLES - WINDOW_LENGTH) // HOP_LENGTH  # 98
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet statistics of the AST release
+AST_PREEMPHASIS = 0.97
+AST_LOW_HZ = 20.0
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def kaldi_mel_matrix(num_bins: int = AST_NUM_MEL_BINS, sample_rate: float = SAMPLE_RATE,
+                     fft_length: int = FFT_LENGTH, low_hz: float = AST_LOW_HZ) -> np.ndarray:
+  """[fft_length // 2 + 1, num_bins] Kaldi mel weights: triangles in the mel domain between equally
+  spaced mel edges from low_hz to Nyquist; the Nyquist bin gets no weight (Kaldi uses fft/2 bins)."""
+  mel = lambda f: 1127.0 * np.log(1.0 + np.asarray(f, np.float64) / 700.0)
+  edges = np.linspace(mel(low_hz), mel(sample_rate / 2.0), num_bins + 2)
+  left, center, right = edges[:-2], edges[1:-1], edges[2:]
+  bins_mel = mel(np.arange(fft_length // 2) * sample_rate / fft_length)[:, None]
+  weights = np.maximum(0.0, np.minimum((bins_mel - left) / (center - left), (right - bins_mel) / (right - center)))
+  return np.concatenate([weights, np.zeros((1, num_bins))], axis=0)
+
+
+_KALDI_MEL = kaldi_mel_matrix()
+_SYMMETRIC_HANN = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WINDOW_LENGTH) / (WINDOW_LENGTH - 1))
+
+
+def kaldi_fbank(waveform16k: np.ndarray) -> np.ndarray:
+  """[samples] float at 16 kHz -> float64 [frames, 128] Kaldi log mel filterbank (see above)."""
+  waveform16k = np.ascontiguousarray(waveform16k, dtype=np.float64)
+  frames = _frame(waveform16k, WINDOW_LENGTH, HOP_LENGTH)
+  if frames.shape[0] == 0:
+    return np.zeros((0, AST_NUM_MEL_BINS), np.float64)
+  frames = frames - frames.mean(axis=1, keepdims=True)
+  previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+  frames = frames - AST_PREEMPHASIS * previous
+  power = np.abs(np.fft.rfft(frames * _SYMMETRIC_HANN, FFT_LENGTH)) ** 2
+  return np.log(np.maximum(power @ _KALDI_MEL, _FLOAT32_EPS))
+
+
+def waveform_to_ast_fbank(waveform: np.ndarray, sample_rate: float) -> np.ndarray:
+  """AST examples of a waveform: float32 [n, 98, 128], one per second (normalised filterbanks).
+
+  Mono mix-down and resampling as :func:`waveform_to_log_mel`; second k is samples
+  [16000 k, 16000 (k + 1)); n counts the whole seconds plus a last partial one that holds at least
+  one 25 ms frame. Equal to ``ASTFeatureExtractor(max_length=98)`` applied to each second.
+  """
+  data = resample(to_mono_float(waveform), sample_rate)
+  count = data.shape[0] // AST_EXAMPLE_SAMPLES + int(data.shape[0] % AST_EXAMPLE_SAMPLES >= WINDOW_LENGTH)
+  out = np.zeros((count, AST_EXAMPLE_FRAMES, AST_NUM_MEL_BINS), np.float64)
+  for k in range(count):
+    fbank = kaldi_fbank(data[k * AST_EXAMPLE_SAMPLES:(k + 1) * AST_EXAMPLE_SAMPLES])
+    out[k, :fbank.shape[0]] = fbank
+  return ((out - AST_MEAN) / (2.0 * AST_STD)).astype(np.float32)
+
+
+# model.audio.encoder -> the front end that feeds it: AST takes its filterbanks, every other encoder
+# ('vggish', 'small') VGGish's log-mel examples.
+def example_shape(encoder: str = 'vggish') -> tuple[int, int]:
+  """(frames, bands) of one audio example for ``model.audio.encoder`` (= ``data.audio_encoder``)."""
+  return (AST_EXAMPLE_FRAMES, AST_NUM_MEL_BINS) if encoder == 'ast' else (EXAMPLE_FRAMES, NUM_MEL_BINS)
+
+
+def waveform_to_examples(waveform: np.ndarray, sample_rate: float, encoder: str = 'vggish') -> np.ndarray:
+  """float32 [n, *example_shape(encoder)]: AST filterbanks for 'ast', else VGGish log-mel."""
+  if encoder == 'ast':
+    return waveform_to_ast_fbank(waveform, sample_rate)
+  return waveform_to_log_mel(waveform, sample_rate)
+
 def read_wav(path_or_bytes) -> tuple[np.ndarray, int]:
   """A WAV file (path or bytes) -> (samples as stored: 1-D or [n, channels], sample rate).
 
@@ -253,7 +334,7 @@ def wav_to_log_mel(path_or_bytes) -> np.ndarray:
 
 
 def pad_examples(examples: np.ndarray, num_examples: int, mode: str) -> np.ndarray:
-  """Pads or trims [n, 96, 64] to ``num_examples``.
+  """Pads or trims [n, ...] examples (VGGish [n, 96, 64], AST [n, 98, 128]) to ``num_examples``.
 
   mode 'repeat' repeats the last example (AVSBench S4/MS3; a clip with no example at all gets
   zeros), 'zeros' appends zero examples (AVSS).
@@ -269,6 +350,16 @@ def pad_examples(examples: np.ndarray, num_examples: int, mode: str) -> np.ndarr
     pad = np.zeros((num_examples - n,) + examples.shape[1:], examples.dtype)
   return np.concatenate([examples, pad], axis=0)
 
+
+
+def clip_examples(waveform: np.ndarray, sample_rate: float, *, num_frames: int, num_real: int, pad_mode: str,
+                  encoder: str = 'vggish') -> np.ndarray:
+  """float32 [num_frames, *example_shape(encoder)] of a clip's waveform, laid out as the builders lay
+  out the stored log-mel: the first ``num_real`` examples (padded to that many with ``pad_mode``),
+  then zero examples up to ``num_frames``."""
+  examples = waveform_to_examples(waveform, sample_rate, encoder)
+  examples = pad_examples(examples[:num_real], num_real, pad_mode)
+  return pad_examples(examples, num_frames, 'zeros')
 
 class _TensorUnpickler(pickle.Unpickler):
   """Unpickles only what a pickled torch tensor or NumPy array needs, nothing else."""

@@ -3,7 +3,8 @@
 At evaluation time the input pipeline can replace a clip's stored log-mel by the log-mel of its
 waveform (the record's ``audio`` feature, see ``qdformer_jax.data.records``) with background noise
 mixed in at a given SNR, so that the noise passes through exactly the front end the clean sound
-did (``audio.mix_at_snr``, then ``audio.waveform_to_log_mel`` and ``audio.pad_examples``).
+did (``audio.mix_at_snr``, then ``audio.clip_examples``: VGGish log-mel, or AST filterbanks when
+the model's audio encoder is AST).
 
 Noise sources (:class:`NoiseSource`):
 
@@ -109,18 +110,17 @@ def clip_rng(seed: int, clip_index: int, clip_id: str = '') -> np.random.Generat
 
 
 def noisy_log_mel(waveform: np.ndarray, noise: np.ndarray, snr_db: float, *, num_frames: int,
-                  num_real: int, pad_mode: str) -> np.ndarray:
-  """float32 [num_frames, 96, 64]: the VGGish examples of ``waveform`` (16 kHz) with ``noise``
-  mixed in at ``snr_db``, laid out as the builders lay out the clean ones: the first ``num_real``
-  examples (padded to that many with ``pad_mode``), then zero examples up to ``num_frames``."""
+                  num_real: int, pad_mode: str, encoder: str = 'vggish') -> np.ndarray:
+  """float32 [num_frames, *audio.example_shape(encoder)]: the audio examples (VGGish log-mel, or AST
+  filterbanks for encoder 'ast') of ``waveform`` (16 kHz) with ``noise`` mixed in at ``snr_db``, laid
+  out as the builders lay out the clean ones (``audio.clip_examples``)."""
   mixed = audio.mix_at_snr(waveform, noise, snr_db)
-  examples = audio.waveform_to_log_mel(mixed, SAMPLE_RATE)
-  examples = audio.pad_examples(examples[:num_real], num_real, pad_mode)
-  return audio.pad_examples(examples, num_frames, 'zeros')
+  return audio.clip_examples(mixed, SAMPLE_RATE, num_frames=num_frames, num_real=num_real, pad_mode=pad_mode,
+                             encoder=encoder)
 
 
 def record_noisy_log_mel(record, snr_db: float, *, seed: int, clip_index: int, noise_dir: str | None,
-                         pad_mode: str) -> np.ndarray:
+                         pad_mode: str, encoder: str = 'vggish') -> np.ndarray:
   """The log-mel of one stored clip with background noise at ``snr_db`` (see the module doc).
 
   The noise covers the clip's real audio (``audio_length`` samples); its power is set against the
@@ -137,4 +137,4 @@ def record_noisy_log_mel(record, snr_db: float, *, seed: int, clip_index: int, n
   rng = clip_rng(seed, clip_index, clip_id)
   noise = noise_source(noise_dir).sample(waveform.shape[0], rng)
   return noisy_log_mel(waveform, noise, snr_db, num_frames=frame_valid.shape[0],
-                       num_real=int(frame_valid.sum()), pad_mode=pad_mode)
+                       num_real=int(frame_valid.sum()), pad_mode=pad_mode, encoder=encoder)

@@ -81,16 +81,30 @@ def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Genera
 
 
 def record_log_mel(record: dict, data_config) -> np.ndarray:
-  """The clip's float32 [T, 96, 64] log-mel: as stored, or, when ``data_config.noise_snr_db`` is set,
-  recomputed from the stored waveform with background noise at that SNR, deterministic per
-  (``noise_seed``, clip index) (noise from ``noise_dir``, else pink; see ``noise.py``)."""
+  """The clip's float32 [T, *audio.example_shape(encoder)] audio examples, encoder =
+  ``data_config.audio_encoder`` (= ``model.audio.encoder``): the stored VGGish log-mel; for 'ast' the
+  AST filterbanks computed here from the stored waveform, one per second, laid out as the stored
+  log-mel (the first ``frame_valid`` seconds padded by the dataset's rule, zeros after). When
+  ``data_config.noise_snr_db`` is set, either is recomputed from the stored waveform with background
+  noise at that SNR, deterministic per (``noise_seed``, clip index) (noise from ``noise_dir``, else
+  pink; see ``noise.py``)."""
   snr_db = data_config.get('noise_snr_db')
-  if snr_db is None:
+  encoder = data_config.get('audio_encoder') or 'vggish'
+  pad_mode = registry.get(data_config.name).audio_pad
+  if snr_db is not None:
+    return noise.record_noisy_log_mel(
+        record, float(snr_db), seed=int(data_config.get('noise_seed', 0) or 0),
+        clip_index=item_index(record), noise_dir=data_config.get('noise_dir'), pad_mode=pad_mode, encoder=encoder)
+  if encoder != 'ast':
     return np.asarray(record['log_mel'], np.float32)
-  return noise.record_noisy_log_mel(
-      record, float(snr_db), seed=int(data_config.get('noise_seed', 0) or 0),
-      clip_index=item_index(record), noise_dir=data_config.get('noise_dir'),
-      pad_mode=registry.get(data_config.name).audio_pad)
+  waveform = records.decode_audio(record)
+  frame_valid = np.asarray(record['frame_valid'], bool)
+  if waveform.shape[0] == 0:
+    raise ValueError(f"clip {record.get('clip_id', b'?')!r} has no stored waveform (audio_length = 0; built "
+                     "from the released .pkl log-mel): model.audio.encoder='ast' computes its filterbanks from "
+                     "the waveform; rebuild with log_mel_source='wav'")
+  return audio.clip_examples(waveform, audio.SAMPLE_RATE, num_frames=frame_valid.shape[0],
+                             num_real=int(frame_valid.sum()), pad_mode=pad_mode, encoder='ast')
 
 
 class _DecodeTrain(grain.transforms.RandomMap):
@@ -171,7 +185,7 @@ def batch_spec(data_config, global_batch_size: int, mesh) -> dict:
   any record is read: what the train step is compiled for."""
   b, t, s = int(global_batch_size), int(data_config.num_frames), int(data_config.image_size)
   shapes = {'frames': ((b, t, s, s, 3), np.uint8),
-            'log_mel': ((b, t, audio.EXAMPLE_FRAMES, audio.NUM_MEL_BINS), np.float32),
+            'log_mel': ((b, t) + audio.example_shape(data_config.get('audio_encoder') or 'vggish'), np.float32),
             'semantic': ((b, t, s, s), np.uint8), 'gt_valid': ((b, t), np.bool_), 'frame_valid': ((b, t), np.bool_)}
   batch_sharding = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}

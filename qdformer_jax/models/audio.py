@@ -1,7 +1,11 @@
-"""Audio encoders: VGGish (the paper's, docs/DESIGN.md §1) or a narrow VGG-style net for small configs.
+"""Audio encoders: VGGish (the paper's, docs/DESIGN.md §1), the Audio Spectrogram Transformer
+(`'ast'`, AudioSet-trained, stronger) or a narrow VGG-style net for small configs.
 
-Both map VGGish log-mel examples [B, 96, 64] to 128-d embeddings (the final ReLU kept), so the rest
-of the model does not depend on the choice.
+Each maps one audio example per frame (one second) to an embedding of `encoder.out_dim` channels:
+VGGish and the small net take VGGish log-mel [B, 96, 64] -> 128 (the final ReLU kept), AST its own
+filterbanks [B, 98, 128] -> 768 (`qdformer_jax.data.audio.example_shape` gives the input shape of
+each, and the pipeline computes the matching one). The model's audio projection reads `out_dim`,
+so the rest of the model does not depend on the choice.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class SmallAudioNet(nnx.Module):
     for _ in self.convs:
       bands = -(-bands // 2)  # 'SAME' padding, stride 2
     self.fc = nnx.Linear(bands * chans[-1], 128, dtype=dtype, rngs=rngs)
+    self.out_dim = 128
     frames = 96
     for _ in self.convs:
       frames = -(-frames // 2)
@@ -50,11 +55,19 @@ class SmallAudioNet(nnx.Module):
     return self.embed(self.token_map(log_mel))
 
 
+AUDIO_ENCODERS = ('vggish', 'ast', 'small')
+
+
 def build_audio_encoder(config, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """config.encoder in {'vggish', 'small'} (config.width for 'small')."""
+  """config.encoder in AUDIO_ENCODERS (config.width for 'small'; config.ast overrides the AST size)."""
+  if config.encoder == 'ast':
+    from qdformer_jax.models.ast import AST_SPECS, AudioSpectrogramTransformer
+    spec = dict(AST_SPECS['base'])
+    spec.update({k: int(v) for k, v in dict(config.get('ast') or {}).items()})
+    return AudioSpectrogramTransformer(**spec, dtype=dtype, rngs=rngs)
   if config.encoder == 'vggish':
     from qdformer_jax.models.vggish import VGGish
     return VGGish(dtype=dtype, rngs=rngs)
   if config.encoder == 'small':
     return SmallAudioNet(config.get('width', 16), dtype=dtype, rngs=rngs)
-  raise ValueError(f"model.audio.encoder must be 'vggish' or 'small', got {config.encoder!r}")
+  raise ValueError(f'model.audio.encoder must be one of {list(AUDIO_ENCODERS)}, got {config.encoder!r}')

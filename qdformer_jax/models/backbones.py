@@ -1,13 +1,15 @@
 """Visual backbone factory: `build_backbone(config, rngs)`.
 
 `config` is any object with attribute (or mapping) access, e.g. an `ml_collections.ConfigDict`:
-  name           one of resnet18, resnet34, resnet50, resnet101, swin_t, swin_s, swin_b
+  name           one of resnet18, resnet34, resnet50, resnet101, swin_t, swin_s, swin_b,
+                 pvt_v2_b0 ... pvt_v2_b5
   width          ResNet base width (default 64); small values (16-32) build tiny test models
   frozen_stages  -1 none, 0 stem/patch-embed, k: stem + first k stages (default 1)
   dtype          compute dtype, 'float32' | 'bfloat16' or a jnp dtype (default float32);
                  parameters are always float32
 Optional Swin fields: drop_path_rate (stochastic depth, default 0; needs a 'dropout' RNG stream)
-and, for tiny synthetic models, embed_dim, depths, num_heads, window_size.
+and, for tiny synthetic models, embed_dim, depths, num_heads, window_size. Optional PVT-v2 fields:
+drop_path_rate and, for tiny models, embed_dims, depths, num_heads, mlp_ratios, sr_ratios.
 
 Every backbone returns [C2, C3, C4, C5] NHWC (strides 4..32), has `.out_channels` (4 ints) and
 `.frozen_param_filter(prefix)` (see `qdformer_jax.models.resnet` for how to use it in an optimizer).
@@ -26,7 +28,8 @@ from qdformer_jax.models.resnet import ResNet
 
 RESNET_NAMES = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet101': 101}
 SWIN_NAMES = ('swin_t', 'swin_s', 'swin_b')
-BACKBONE_NAMES = tuple(RESNET_NAMES) + SWIN_NAMES
+PVT_NAMES = tuple(f'pvt_v2_b{i}' for i in range(6))
+BACKBONE_NAMES = tuple(RESNET_NAMES) + SWIN_NAMES + PVT_NAMES
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:
@@ -50,6 +53,15 @@ def build_backbone(config: Any, rngs: nnx.Rngs, *, remat: str = 'none') -> nnx.M
   if name in RESNET_NAMES:
     return ResNet(RESNET_NAMES[name], width=int(_field(config, 'width', 64)),
                   frozen_stages=frozen_stages, dtype=dtype, remat=remat, rngs=rngs)
+  if name in PVT_NAMES:
+    from qdformer_jax.models.pvt import PVT_V2_SPECS, PyramidVisionTransformerV2
+    spec = dict(PVT_V2_SPECS[name])
+    for key in ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios'):
+      value = _field(config, key)
+      if value is not None:
+        spec[key] = tuple(value)
+    return PyramidVisionTransformerV2(**spec, drop_path_rate=float(_field(config, 'drop_path_rate', 0.0)),
+                                      frozen_stages=frozen_stages, dtype=dtype, remat=remat, rngs=rngs)
   from qdformer_jax.models.swin import SWIN_SPECS, SwinTransformer
   spec = dict(SWIN_SPECS[name])
   for key in ('embed_dim', 'depths', 'num_heads', 'window_size'):

@@ -136,7 +136,9 @@ def dynamic_mask(features, params, centers, channels: int):
 
 
 class QDFormer(nnx.Module):
-  """The whole model; ``__call__(frames uint8 [B,T,H,W,3], log_mel [B,T,96,64], frame_valid)``."""
+  """The whole model; ``__call__(frames uint8 [B,T,H,W,3], log_mel [B,T,96,64], frame_valid)``
+  (``log_mel`` is the audio encoder's example per frame: AST filterbanks [B,T,98,128] with
+  ``model.audio.encoder='ast'``)."""
 
   def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
     cfg = config
@@ -158,7 +160,7 @@ class QDFormer(nnx.Module):
     self.encoder = DeformableEncoder(enc.layers, d, enc.heads, enc.points, self.num_levels, enc.ffn_dim,
                                      enc.dropout, rngs=rngs, dtype=dtype, remat=self.remat)
     self.audio_encoder = build_audio_encoder(cfg.audio, dtype=dtype, rngs=rngs)
-    self.audio_proj = nnx.Linear(128, d, dtype=dtype, rngs=rngs)
+    self.audio_proj = nnx.Linear(self.audio_encoder.out_dim, d, dtype=dtype, rngs=rngs)
     self.fusion = GlobalFusion(d, cfg.heads, cfg.ffn_dim, cfg.dropout, dtype=dtype, rngs=rngs)
     # Unit-scale prototypes: tokens of different slots start apart, so they do not all fall on one
     # codeword at initialisation (with near-zero prototypes every slot quantizes identically).
@@ -206,6 +208,9 @@ class QDFormer(nnx.Module):
     # every other initial value unchanged.
     self.local_audio_tokens = bool(cfg.get('local_audio_tokens', False))
     if self.local_audio_tokens:
+      if not hasattr(self.audio_encoder, 'token_map'):
+        raise ValueError(f'model.local_audio_tokens needs an audio encoder with a time-frequency map '
+                         f"('vggish' or 'small'), not model.audio.encoder={cfg.audio.encoder!r}")
       self.audio_token_proj = nnx.Linear(self.audio_encoder.token_channels, d, dtype=dtype, rngs=rngs)
     self.query_pos_from_token = bool(cfg.get('query_pos_from_token', False))
     if self.query_pos_from_token:

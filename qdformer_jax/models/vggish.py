@@ -41,6 +41,7 @@ class VGGish(nnx.Module):
 
   def __init__(self, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
+    self.out_dim = EMBEDDING_SIZE
     for name, cin, cout, _ in VGGISH_CONVS:
       setattr(self, name, nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
                                    param_dtype=jnp.float32, rngs=rngs))
