@@ -36,6 +36,7 @@ def tiny_config(**model_changes):
   c.model.num_queries = NUM_QUERIES
   c.model.dropout = 0.0
   c.model.vq_normalize = False  # the paper's plain L2 codebook (the cosine one: quantizer tests)
+  c.model.vq_warmup_fraction = 0.0  # the paper's bottleneck from step 0 (the warm-up: quantizer tests)
   c.model.update(model_changes)
   return c
 
