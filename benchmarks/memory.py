@@ -186,6 +186,16 @@ def gib(x) -> str:
   return '' if x is None else f'{x / GIB:.2f}'
 
 
+def _setting_row(s: dict) -> str:
+  """'| dtype | remat | state | grads | residuals | est. peak | fits | XLA total (temp) | step s |'."""
+  x = s.get('xla')
+  xla = f"{gib(x['total'])} ({gib(x['temp'])})" if x else 'n/a'
+  fits = 'yes' if s['estimate_bytes'] <= TARGET_GIB * GIB else 'no'
+  step = f"{s['step_seconds']:.2f} ({s['time_batch']})" if 'step_seconds' in s else 'n/a'
+  return (f"| {s['dtype']} | {s['remat']} | {gib(s['state_bytes'])} | {gib(s['grad_bytes'])} | "
+          f"{gib(s['residual_bytes'])} | {gib(s['estimate_bytes'])} | {fits} | {xla} | {step} |")
+
+
 def print_tables(r: dict) -> None:
   print(f"\n{r['config']}: train step, global batch {r['batch']} on one device "
         f"({r['backend']}, jax {r['jax']}); GiB = 2^30 bytes; target {TARGET_GIB:.0f} GiB\n")
@@ -193,24 +203,14 @@ def print_tables(r: dict) -> None:
         '| XLA:CPU total GiB (temp) | step s (batch) |')
   print('|---|---|---:|---:|---:|---:|:---:|---:|---:|')
   for s in r['settings']:
-    x = s.get('xla')
-    xla = f"{gib(x['total'])} ({gib(x['temp'])})" if x else 'n/a'
-    fits = 'yes' if s['estimate_bytes'] <= TARGET_GIB * GIB else 'no'
-    step = f"{s['step_seconds']:.2f} ({s['time_batch']})" if 'step_seconds' in s else 'n/a'
-    print(f"| {s['dtype']} | {s['remat']} | {gib(s['state_bytes'])} | {gib(s['grad_bytes'])} | "
-          f"{gib(s['residual_bytes'])} | {gib(s['estimate_bytes'])} | {fits} | {xla} | {step} |")
+    print(_setting_row(s))
   if r.get('compare'):
     print('\nThe comparison choices (the same step with another backbone or audio encoder):\n')
     print('| config | dtype | remat | state GiB | grads GiB | residuals GiB | est. peak GiB | fits 16 GiB (est.) '
           '| XLA:CPU total GiB (temp) | step s (batch) |')
     print('|---|---|---|---:|---:|---:|---:|:---:|---:|---:|')
     for s in r['compare']:
-      x = s.get('xla')
-      xla = f"{gib(x['total'])} ({gib(x['temp'])})" if x else 'n/a'
-      fits = 'yes' if s['estimate_bytes'] <= TARGET_GIB * GIB else 'no'
-      step = f"{s['step_seconds']:.2f} ({s['time_batch']})" if 'step_seconds' in s else 'n/a'
-      print(f"| {s['config']} | {s['dtype']} | {s['remat']} | {gib(s['state_bytes'])} | {gib(s['grad_bytes'])} | "
-            f"{gib(s['residual_bytes'])} | {gib(s['estimate_bytes'])} | {fits} | {xla} | {step} |")
+      print(f"| {s['config']} " + _setting_row(s))
   if r.get('fsdp'):
     base = r['fsdp'][0]['state_bytes_per_device']
     print(f"\nFSDP on {r['fsdp'][0]['devices']} fake CPU devices, mesh (data, fsdp): per-device train state "

@@ -220,10 +220,11 @@ def make_stages(graphdef, config, num_classes: int):
     return model.encode_features([static['c2']] + list(diff['feats']), train=True)
 
   def audio(model, diff, static):
-    return model.encode_audio(static['log_mel'])
+    return model.encode_audio(static['log_mel'])  # (F_a, the local audio tokens or None)
 
   def decomposition(model, diff, static):
-    return model.decompose(diff['coarse'], diff['audio'], static['frame_valid'], train=True)
+    return model.decompose(diff['coarse'], diff['audio'], static['frame_valid'], train=True,
+                           audio_tokens=diff.get('audio_tokens'))
 
   def avsr(model, diff, static):
     return model.recombine(diff['memory'], diff['w_tokens'], train=True)
@@ -301,6 +302,19 @@ def optimizer_stage(graphdef, state, trained_params, repeats):
   return {'fwd_flops': flops, 'fwd_seconds': seconds, 'fwd_bwd_flops': flops, 'fwd_bwd_seconds': seconds}
 
 
+def build_inputs(config, batch_size: int, t: int, size: int, num_classes: int):
+  """(train graphdef, train state, a random batch, model graphdef, model state, trainable filter) of
+  ``config``: the state initialised as training does, the batch in the train step's shapes."""
+  mesh = sharding.make_mesh(config)
+  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
+  with jax.threefry_partitionable(False):
+    state = train.init_train_state(config, abstract_state, ())
+  batch = make_batch(batch_size, t, size, num_classes, audio.example_shape(config.data.audio_encoder))
+  model_graphdef, model_state = nnx.split(nnx.merge(graphdef, state)[0])
+  trained = optim.trainable_filter(nnx.merge(model_graphdef, model_state))
+  return graphdef, state, batch, model_graphdef, model_state, trained
+
+
 def compare_stage(args, word: str, t: int, size: int, num_classes: int) -> dict:
   """The one stage that config word ``word`` changes (backbone, or audio for 'ast'), measured like the
   main run's stages on a model built from ``args.config`` + ``word``."""
@@ -313,13 +327,8 @@ def compare_stage(args, word: str, t: int, size: int, num_classes: int) -> dict:
   if args.remat:
     config.model.remat = args.remat
   name = 'audio' if word == 'ast' else 'backbone'
-  mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
-  with jax.threefry_partitionable(False):
-    state = train.init_train_state(config, abstract_state, ())
-  batch = make_batch(args.batch, t, size, num_classes, audio.example_shape(config.data.audio_encoder))
-  model_graphdef, model_state = nnx.split(nnx.merge(graphdef, state)[0])
-  trained = optim.trainable_filter(nnx.merge(model_graphdef, model_state))
+  graphdef, state, batch, model_graphdef, model_state, trained = build_inputs(config, args.batch, t, size,
+                                                                              num_classes)
   fn = make_stages(model_graphdef, config, num_classes)[name]
   static = {'log_mel': batch['log_mel']} if name == 'audio' else {'frames': batch['frames']}
   _, record = run_stage(name, fn, model_graphdef, model_state, trained, {}, static, args.repeats)
@@ -369,13 +378,8 @@ def main(argv=None) -> dict:
   t, size, num_classes = int(config.data.num_frames), int(config.data.image_size), int(config.data.num_classes)
   print(f'{args.config}: batch {args.batch}, T={t}, {size}x{size}, dtype {config.model.dtype}, remat '
         f'{config.model.remat} ({jax.default_backend()}, 1-min load {os.getloadavg()[0]:.1f})', flush=True)
-  mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
-  with jax.threefry_partitionable(False):
-    state = train.init_train_state(config, abstract_state, ())
-  batch = make_batch(args.batch, t, size, num_classes, audio.example_shape(config.data.audio_encoder))
-  model_graphdef, model_state = nnx.split(nnx.merge(graphdef, state)[0])
-  trained = optim.trainable_filter(nnx.merge(model_graphdef, model_state))
+  graphdef, state, batch, model_graphdef, model_state, trained = build_inputs(config, args.batch, t, size,
+                                                                              num_classes)
   stages = make_stages(model_graphdef, config, num_classes)
   results = {'config': args.config, 'batch': args.batch, 'frames': t, 'image_size': size,
              'dtype': config.model.dtype, 'remat': config.model.remat, 'backend': jax.default_backend(),
@@ -388,9 +392,10 @@ def main(argv=None) -> dict:
 
   feats = go('backbone', {}, {'frames': batch['frames']})
   memory = go('encoder', {'feats': tuple(feats[1:])}, {'c2': feats[0]})
-  audio_tokens = go('audio', {}, {'log_mel': batch['log_mel']})
-  w_tokens, queries, vq = go('decomposition', {'coarse': memory[2], 'audio': audio_tokens},
-                             {'frame_valid': batch['frame_valid']})
+  audio_features, audio_tokens = go('audio', {}, {'log_mel': batch['log_mel']})
+  w_tokens, queries, vq, _ = go('decomposition', {'coarse': memory[2], 'audio': audio_features,
+                                                  'audio_tokens': audio_tokens},
+                                {'frame_valid': batch['frame_valid']})
   memory = go('avsr', {'memory': memory, 'w_tokens': w_tokens}, {})
   mask_features = go('fpn', {'memory': memory}, {'c2': feats[0]})
   outputs = go('decoder', {'queries': queries, 'memory': memory, 'mask_features': mask_features},
@@ -400,7 +405,8 @@ def main(argv=None) -> dict:
   results['stages']['optimizer'] = optimizer_stage(graphdef, state, trained_params, args.repeats)
 
   # The whole train step, in the same run.
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
+  mesh = sharding.make_mesh(config)
+  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, state), mesh)
   data = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
   t0 = time.time()
   compiled = step.lower(state, data).compile()
