@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -214,10 +215,14 @@ def test_ctrl_c_saves_the_step_like_a_preemption(data_dir, reference, tmp_path, 
   assert_same_params(workdir, reference)
 
 
-def test_a_second_ctrl_c_stops_at_once_naming_the_unsaved_step(monkeypatch, capfd):
+@pytest.mark.parametrize('kernel_imported', [False, True])
+def test_a_second_ctrl_c_stops_at_once_naming_the_unsaved_step(kernel_imported, monkeypatch, capfd):
   """The first Ctrl-C asks the loop to save and stop (one line); a second one, while the step is
-  being saved, exits at once with code 130 and one line naming the step that was not saved."""
+  being saved, exits at once with code 130 and one line naming the step that was not saved. Having
+  imported ipykernel (as the notebook test does in this process) does not make a script a notebook."""
   from qdformer_jax.training import train
+  if kernel_imported:
+    monkeypatch.setitem(sys.modules, 'ipykernel', types.ModuleType('ipykernel'))
 
   class Exited(Exception):
     pass

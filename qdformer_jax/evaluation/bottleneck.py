@@ -103,6 +103,8 @@ def finalize(sums: dict) -> dict:
   mi = h_c - np.sum(probs[..., None] * h_c_given_k, axis=1)  # [N,C]
   with np.errstate(invalid='ignore', divide='ignore'):
     normalized = np.where(h_c > 1e-9, mi / h_c, np.nan)
-  best = np.nanmax(normalized, axis=0) if np.any(np.isfinite(normalized)) else np.full(normalized.shape[1], np.nan)
-  out['code_class_mi'] = float(np.nanmean(best)) if np.any(np.isfinite(best)) else float('nan')
+  # Per class, the best slot; a class absent (or always present) in every frame has no score.
+  scored = np.isfinite(normalized).any(axis=0)               # [C]
+  best = np.max(np.where(np.isfinite(normalized), normalized, -np.inf), axis=0)[scored]
+  out['code_class_mi'] = float(np.mean(best)) if best.size else float('nan')
   return out

@@ -422,7 +422,7 @@ class StopRequest:
               f'step {self.step + 1}' if self.step is not None else 'the current step')
       _say(f'error: second Ctrl-C: stopped at once; {step} was not saved (the rerun resumes from the latest '
            f'complete checkpoint{" in " + self.where if self.where else ""})')
-      if 'ipykernel' in sys.modules or hasattr(sys, 'ps1'):  # a notebook or a REPL: keep the session
+      if _interactive():  # a notebook or a REPL: keep the session
         raise KeyboardInterrupt
       os._exit(130)
     self.interrupted, self.reason, self.code = True, 'Ctrl-C (SIGINT)', 130
@@ -454,6 +454,16 @@ class StopRequest:
     for signum, previous in self.previous.items():
       signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
     self.previous = {}
+
+
+def _interactive() -> bool:
+  """Whether this process is a REPL or a running IPython/Jupyter shell. Having imported ipykernel
+  is not enough (a test process that checks for it has it in sys.modules, with no shell)."""
+  if hasattr(sys, 'ps1'):
+    return True
+  ipython = sys.modules.get('IPython')
+  get_ipython = getattr(ipython, 'get_ipython', None)
+  return get_ipython is not None and get_ipython() is not None
 
 
 def _say(text: str) -> None:
