@@ -57,14 +57,14 @@ def main(argv):
   console.setup(FLAGS.verbosity)
   if FLAGS.multihost:
     jax.distributed.initialize()
-  from qdformer_jax.training import train
+  from qdformer_jax.training import eval_mode, train
   config = FLAGS.config
   with console.interrupted(FLAGS.workdir), console.user_errors(FLAGS.debug):
     if config.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir,
                                config_arg=config_flags.get_config_filename(FLAGS['config']))
     elif config.mode == 'eval':
-      train.evaluate_checkpoint(config, FLAGS.workdir)
+      eval_mode.evaluate_checkpoint(config, FLAGS.workdir)
     else:
       raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
 

@@ -9,7 +9,7 @@ Each row is one jitted program on the config's train state and batch shapes, com
   forward + loss               the model in train mode and ``compute_loss``
   + backward                   gradients of the trained parameters (``nnx.value_and_grad``)
   + AdamW update               ``optimizer.update`` (gradient clipping, two AdamW groups)
-  train step (as shipped)      ``training.train.make_train_step``: + gradient norm, codebook
+  train step (as shipped)      ``training.step.make_train_step``: + gradient norm, codebook
                                diagnostics, the non-finite guard on loss and gradient norm
   + check every new parameter  the shipped step, plus the guard's former test of every updated
                                parameter for finiteness before the state is selected
@@ -39,7 +39,9 @@ from benchmarks.model_cost import load_config, make_batch  # noqa: E402
 from qdformer_jax import sharding  # noqa: E402
 from qdformer_jax.data import pipeline  # noqa: E402
 from qdformer_jax.losses.criterion import compute_loss  # noqa: E402
-from qdformer_jax.training import optim, train  # noqa: E402
+from qdformer_jax.training import optim  # noqa: E402
+from qdformer_jax.training import state as state_lib  # noqa: E402
+from qdformer_jax.training import step as step_lib  # noqa: E402
 
 
 def programs(graphdef, config):
@@ -94,7 +96,7 @@ def main(argv=None) -> dict:
   jax.config.update('jax_enable_compilation_cache', False)
   config = load_config(args.config)
   mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
+  graphdef, abstract_state = state_lib.abstract_train_state(config, mesh, ())
   shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   spec = pipeline.batch_spec(config.data, config.batch_size, mesh)
   rows = {}
@@ -112,11 +114,11 @@ def main(argv=None) -> dict:
   extra = programs(graphdef, config)
   for name in ('forward + loss', '+ backward', '+ AdamW update'):
     compile_row(name, jax.jit(extra[name], donate_argnums=0))
-  step = compile_row('train step (as shipped)', train.make_train_step(graphdef, config, shardings, mesh))
+  step = compile_row('train step (as shipped)', step_lib.make_train_step(graphdef, config, shardings, mesh))
   compile_row('+ check every new parameter', jax.jit(extra['+ check every new parameter'], donate_argnums=0))
 
   with jax.threefry_partitionable(False):
-    state = train.init_train_state(config, abstract_state, ())
+    state = state_lib.init_train_state(config, abstract_state, ())
   t, size = int(config.data.num_frames), int(config.data.image_size)
   batch = make_batch(config.batch_size, t, size, int(config.data.num_classes))
   batch = {k: jax.device_put(np.asarray(v).astype(spec[k].dtype), spec[k].sharding) for k, v in batch.items()}

@@ -43,6 +43,7 @@ from qdformer_jax.data import pipeline  # noqa: E402
 from qdformer_jax.evaluation import evaluator as evaluator_lib  # noqa: E402
 from qdformer_jax.evaluation import metrics as metrics_lib  # noqa: E402
 from qdformer_jax.evaluation import postprocess  # noqa: E402
+from qdformer_jax.training import state as state_lib  # noqa: E402
 
 TASKS = {'avss': avss.get_config, 's4': s4.get_config}
 
@@ -88,14 +89,14 @@ def bench_task(task: str, model: str, batch: int, reps: int) -> dict:
   config = task_config(task, model, batch)
   batch = int(config.eval_batch_size)
   mesh = sharding.make_mesh(config)
-  graphdef, state = testing.random_train_state(config, mesh)[:2]
+  graphdef, state = state_lib.model_part(*testing.random_train_state(config, mesh)[:2])  # the model alone
   data = random_batch(config, batch, mesh)
   evaluator = evaluator_lib.Evaluator(config, mesh, graphdef)
   size, binary = evaluator.size, evaluator.binary
 
   @jax.jit
   def forward(state, batch):
-    model_, _ = nnx.merge(graphdef, state)
+    model_ = nnx.merge(graphdef, state)
     out = model_(batch['frames'], batch['log_mel'], batch['frame_valid'], train=False)
     return {'pred_logits': out['pred_logits'], 'pred_masks': out['pred_masks']}
 

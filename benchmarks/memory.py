@@ -4,7 +4,7 @@
   python benchmarks/memory.py --settings float32:none,bfloat16:blocks --xla '' --time_batch 0
 
 For each setting (model.dtype:model.remat; bfloat16 sets model.dtype and model.backbone.dtype) the
-real train step (``training.train.make_train_step``: forward, loss with matching, backward, AdamW
+real train step (``training.step.make_train_step``: forward, loss with matching, backward, AdamW
 update) of one device at the global batch ``--batch`` is measured three ways:
 
   state       bytes of the train state (parameters + AdamW moments + step) and of the gradients of
@@ -103,20 +103,22 @@ def measure_setting(spec: str, dtype: str, remat: str, batch: int, xla: bool, ti
   from benchmarks.model_cost import make_batch, memory_of
   from qdformer_jax import sharding
   from qdformer_jax.data import audio, pipeline
-  from qdformer_jax.training import optim, train
+  from qdformer_jax.training import optim
+  from qdformer_jax.training import state as state_lib
+  from qdformer_jax.training import step as step_lib
 
   config = configure(spec, dtype, remat)
   out = {'config': spec, 'dtype': dtype, 'remat': remat, 'batch': batch}
   t0 = time.time()
   mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
-  model = nnx.eval_shape(lambda: train.model_and_optimizer(config, ())[0])
+  graphdef, abstract_state = state_lib.abstract_train_state(config, mesh, ())
+  model = nnx.eval_shape(lambda: state_lib.model_and_optimizer(config, ())[0])
   out['state_bytes'] = nbytes(abstract_state)
   out['grad_bytes'] = nbytes(nnx.state(model, optim.trainable_filter(model)))
   out['residual_bytes'], out['largest_residuals'] = residual_bytes(config, batch)
   out['estimate_bytes'] = out['state_bytes'] + out['grad_bytes'] + out['residual_bytes']
   out['trace_seconds'] = round(time.time() - t0, 1)
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
   if xla:
     t0 = time.time()
     compiled = step.lower(abstract_state, pipeline.batch_spec(config.data, batch, mesh)).compile()
@@ -125,7 +127,7 @@ def measure_setting(spec: str, dtype: str, remat: str, batch: int, xla: bool, ti
     del compiled
   if time_batch:
     with jax.threefry_partitionable(False):
-      state = train.init_train_state(config, abstract_state, ())
+      state = state_lib.init_train_state(config, abstract_state, ())
     data = make_batch(time_batch, int(config.data.num_frames), int(config.data.image_size),
                       int(config.data.num_classes), audio.example_shape(config.data.audio_encoder))
     data = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.items()}
@@ -149,7 +151,7 @@ def fsdp_state_bytes(spec: str, values: list[int]) -> list[dict]:
   import jax
 
   from qdformer_jax import sharding
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
 
   def per_device(tree, device):
     total = 0
@@ -162,7 +164,7 @@ def fsdp_state_bytes(spec: str, values: list[int]) -> list[dict]:
   for fsdp in values:
     config = configure(spec, 'float32', 'none', fsdp)
     mesh = sharding.make_mesh(config)
-    _, abstract_state = train.abstract_train_state(config, mesh, ())
+    _, abstract_state = state_lib.abstract_train_state(config, mesh, ())
     model_state, optimizer_state = abstract_state[0], abstract_state[1]
     rows.append({'fsdp': fsdp, 'mesh': dict(mesh.shape), 'devices': jax.device_count(),
                  'state_bytes_per_device': per_device(abstract_state, device),

@@ -8,7 +8,7 @@ What is measured here, and what is assumed:
   measured  FLOPs of one train step of each shipped config (``configs/{s4,ms3,avss}.py``, ResNet-50,
             and the AVSS config with PVT-v2-B5 or AST,
             224², the config's T and global batch): forward, matching, losses, backward and the AdamW
-            update, the project's own jitted step (``training.train.make_train_step``), counted by XLA's
+            update, the project's own jitted step (``training.step.make_train_step``), counted by XLA's
             cost analysis of the lowered program (a multiply-add = 2 flops; the Hungarian matcher's
             while loop is counted once per trace, a negligible share). Per clip = step FLOPs / batch.
   measured  the input pipeline's decode + transform rate per CPU core (``benchmarks/input_pipeline.py``,
@@ -67,13 +67,14 @@ def step_flops(spec: str) -> dict:
   from benchmarks.model_cost import load_config
   from qdformer_jax import sharding
   from qdformer_jax.data import pipeline
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
+  from qdformer_jax.training import step as step_lib
 
   config = load_config(spec)
   config.model.dtype = config.model.backbone.dtype = 'bfloat16'
   mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
+  graphdef, abstract_state = state_lib.abstract_train_state(config, mesh, ())
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
   batch = int(config.batch_size)
   t0 = time.time()
   lowered = step.lower(abstract_state, pipeline.batch_spec(config.data, batch, mesh))

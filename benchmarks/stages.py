@@ -25,7 +25,7 @@ whose XLA count is far above its formula does work the model does not need.
 with PVT-v2-B5 and the audio stage with the Audio Spectrogram Transformer (each built from the
 config with that word, on the same frames / one-second filterbanks), next to their formulas.
 
-The whole train step (``training.train.make_train_step``) is compiled, counted and timed in the
+The whole train step (``training.step.make_train_step``) is compiled, counted and timed in the
 same run, as is the backbone forward + backward alone (= a bare ResNet-50 with the model's frozen
 stages on the same frames): ``ratio`` = the step's achieved FLOP/s over the backbone's.
 
@@ -55,7 +55,9 @@ from qdformer_jax.models.ast import patch_grid  # noqa: E402
 from qdformer_jax.models.layers import path_prefix_filter  # noqa: E402
 from qdformer_jax.models.pvt import PVT_V2_SPECS  # noqa: E402
 from qdformer_jax.models.vggish import VGGISH_CONVS, VGGISH_FCS  # noqa: E402
-from qdformer_jax.training import optim, train  # noqa: E402
+from qdformer_jax.training import optim  # noqa: E402
+from qdformer_jax.training import state as state_lib  # noqa: E402
+from qdformer_jax.training import step as step_lib  # noqa: E402
 
 # Stage -> the top-level model attributes whose trained parameters it differentiates.
 STAGE_PARAMS = {
@@ -306,9 +308,9 @@ def build_inputs(config, batch_size: int, t: int, size: int, num_classes: int):
   """(train graphdef, train state, a random batch, model graphdef, model state, trainable filter) of
   ``config``: the state initialised as training does, the batch in the train step's shapes."""
   mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
+  graphdef, abstract_state = state_lib.abstract_train_state(config, mesh, ())
   with jax.threefry_partitionable(False):
-    state = train.init_train_state(config, abstract_state, ())
+    state = state_lib.init_train_state(config, abstract_state, ())
   batch = make_batch(batch_size, t, size, num_classes, audio.example_shape(config.data.audio_encoder))
   model_graphdef, model_state = nnx.split(nnx.merge(graphdef, state)[0])
   trained = optim.trainable_filter(nnx.merge(model_graphdef, model_state))
@@ -406,7 +408,7 @@ def main(argv=None) -> dict:
 
   # The whole train step, in the same run.
   mesh = sharding.make_mesh(config)
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, state), mesh)
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, state), mesh)
   data = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
   t0 = time.time()
   compiled = step.lower(state, data).compile()

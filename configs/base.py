@@ -26,6 +26,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.train_resize = 'short_side_crop'
   c.data.hflip = False
   c.data.read_threads = 2
+  # Training with negatives (AVSBench-Robust's remedy): this fraction of the training clips hear
+  # one of negative_kinds (silence, noise at the clip's level, off-screen audio) with an empty target.
+  c.data.negative_fraction = 0.0
+  c.data.negative_kinds = ('silence', 'noise', 'offscreen')
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = 'float32'        # compute dtype; parameters stay float32
@@ -116,9 +120,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   # and logged, and the run stops after nonfinite_max_consecutive of them in a row.
   c.nonfinite = 'error'
   c.nonfinite_max_consecutive = 10
-  # FOR TESTS ONLY: k > 0 feeds train step k (1-based) NaN audio, so its loss and gradients are NaN;
-  # 0 = off.
-  c.debug_nan_step = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = ml_collections.config_dict.placeholder(str)  # None: data.eval_split
@@ -135,4 +136,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.noise_snrs = ()            # e.g. (20, 10, 5, 0, -5): noise-robustness sweep (Fig. 7)
   c.eval.noise_seed = 0
   c.eval.noise_dir = ml_collections.config_dict.placeholder(str)  # wavs (e.g. AudioSet); None: pink noise
+  # Eval mode: also score the split under silence, noise and off-screen audio (AVSBench-Robust; the
+  # 'negative_audio' kind). Off-screen donors: 'class_aware' (by class where masks hold class ids, else
+  # by category, as AVSBench-Robust does) or 'any' other clip.
+  c.eval.negative_audio = False
+  c.eval.negative_seed = 0
+  c.eval.offscreen = 'class_aware'
   return c

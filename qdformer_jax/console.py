@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import sys
+import time
 import warnings
 
 _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
@@ -91,3 +92,30 @@ def interrupted(workdir: str | None = None):
     print(f'interrupted (Ctrl-C) outside the training steps: nothing new was saved; rerun the same command to '
           f'resume from the latest checkpoint{where}', file=sys.stderr)
     sys.exit(130)
+
+
+class Progress:
+  """One progress line per log interval: the interval's mean metrics, and steps/s and ETA from the
+  interval's wall time (checkpoint saves and host syncs included, as they recur; evaluation time
+  excluded, it has its own lines; the first step's compile is before ``start``)."""
+
+  def __init__(self, total_steps: int):
+    self.total = total_steps
+    self.last = None      # (step, time) of the previous line, or of ``start``
+    self.excluded = 0.0   # seconds since then that are not training (evaluations)
+    self.rate = None
+
+  def start(self, step: int):
+    self.last, self.excluded = (step, time.perf_counter()), 0.0
+
+  def exclude(self, seconds: float):
+    self.excluded += seconds
+
+  def line(self, step: int, metrics: dict) -> str:
+    now = time.perf_counter()
+    if self.last is not None and step > self.last[0]:
+      self.rate = (step - self.last[0]) / max(now - self.last[1] - self.excluded, 1e-9)
+    self.last, self.excluded = (step, now), 0.0
+    shown = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items() if '_aux_' not in k)
+    speed = f' | {self.rate:.2f} steps/s, ETA {(self.total - step) / self.rate / 60:.1f} min' if self.rate else ''
+    return f'step {step}/{self.total} {shown}{speed}'

@@ -34,7 +34,6 @@ output size, so clips of many resolutions share the model's compilation.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 
 import jax
@@ -48,41 +47,12 @@ from qdformer_jax import workdir as workdir_lib
 from qdformer_jax.data import audio as audio_lib
 from qdformer_jax.data import registry, transforms
 from qdformer_jax.evaluation.postprocess import postprocess
-from qdformer_jax.models import build_model
 from qdformer_jax.training import checkpoint
-from qdformer_jax.training.checkpoint import abstract_saveable, from_saveable
-
-MODEL_KEY = '0'  # the model's key in the saved pure dict of nnx.state((model, optimizer))
-
+from qdformer_jax.training.state import abstract_model
 
 # -- config ----------------------------------------------------------------------------------------
 
-def _lists_to_tuples(value):
-  if isinstance(value, dict):
-    return {k: _lists_to_tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_lists_to_tuples(v) for v in value)
-  return value
-
-
-def config_from_json(path) -> ml_collections.ConfigDict:
-  """The ConfigDict a run's ``config.json`` holds (written by ``ConfigDict.to_json_best_effort``).
-
-  JSON has no tuples, so every list becomes a tuple again (configs hold sequences as tuples, e.g.
-  ``lr_drop_steps``); placeholders were resolved to their values, unset ones to None (a None field
-  of a ConfigDict accepts a value of any type later).
-  """
-  path = epath.Path(path)
-  try:
-    data = json.loads(path.read_text())
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f'{path} not found: pass config= (a ConfigDict) or a path inside a workdir '
-                            'written by train_and_evaluate') from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e})') from e
-  if not isinstance(data, dict) or 'model' not in data or 'data' not in data:
-    raise ValueError(f'{path} does not hold a QDFormer config (no "model" and "data" sections)')
-  return ml_collections.ConfigDict(_lists_to_tuples(data))
+config_from_json = workdir_lib.config_from_json  # the one reader of a run's config.json
 
 
 def class_names(config) -> tuple[str, ...] | None:
@@ -155,51 +125,6 @@ def _locate(path, step, which, config):
 
 # -- restore ---------------------------------------------------------------------------------------
 
-def _flat(tree, prefix=()) -> dict:
-  """Nested dicts -> {('a', 'b', '0'): leaf} with string keys."""
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, prefix + (str(k),)))
-    return out
-  return {prefix: tree}
-
-
-def _check_against_metadata(target: dict, saved: dict, state_dir) -> None:
-  """Raises ValueError naming the leaves whose presence, shape or dtype differ."""
-  want, have = _flat(target), _flat(saved)
-  problems = []
-  for key, leaf in want.items():
-    name = '/'.join(key)
-    if key not in have:
-      problems.append(f'{name} missing')
-      continue
-    meta = have[key]
-    shape, dtype = tuple(getattr(meta, 'shape', ()) or ()), getattr(meta, 'dtype', None)
-    if shape != tuple(leaf.shape) or (dtype is not None and np.dtype(dtype) != np.dtype(leaf.dtype)):
-      problems.append(f'{name}: checkpoint {shape} {dtype}, model {tuple(leaf.shape)} {leaf.dtype}')
-  if problems:
-    shown = '; '.join(problems[:8]) + (f'; ... ({len(problems)} in all)' if len(problems) > 8 else '')
-    raise ValueError(f'the checkpoint {state_dir} does not hold the model this config describes: {shown}. '
-                     'Pass the config the run was trained with (config=...).')
-
-
-_ABSTRACT_MODELS: dict[str, tuple] = {}  # what build_model reads, as JSON -> (graphdef, abstract state)
-
-
-def abstract_model(config):
-  """(graphdef, abstract nnx.State) of ``build_model(config)`` by ``nnx.eval_shape`` (nothing is
-  initialised). Cached by the fields build_model reads, so loading several checkpoints of one run
-  traces the model once."""
-  key = json.dumps({'model': config.model.to_dict(), 'num_classes': config.data.num_classes,
-                    'seed': config.get('seed', 0)}, sort_keys=True, default=str)
-  if key not in _ABSTRACT_MODELS:
-    if len(_ABSTRACT_MODELS) >= 4:
-      _ABSTRACT_MODELS.pop(next(iter(_ABSTRACT_MODELS)))
-    _ABSTRACT_MODELS[key] = nnx.split(nnx.eval_shape(lambda: build_model(config, int(config.get('seed', 0)))))
-  return _ABSTRACT_MODELS[key]
-
-
 def restore_model_state(state_dir, config, device=None):
   """(graphdef, model nnx.State on ``device``) restored from an Orbax ``state`` item directory."""
   device = device or jax.local_devices()[0]
@@ -207,24 +132,7 @@ def restore_model_state(state_dir, config, device=None):
   sharding = jax.sharding.SingleDeviceSharding(device)
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                 abstract_state)
-  target = abstract_saveable(abstract_state)
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    saved = checkpointer.metadata(state_dir)
-    saved = getattr(saved, 'item_metadata', saved)  # StepMetadata -> TreeMetadata -> nested dict
-    saved = getattr(saved, 'tree', saved)
-    # (model, optimizer) state: the model is key '0'; a model-only state is the model at the root.
-    if isinstance(saved.get(MODEL_KEY), dict):
-      item, saved_model = {MODEL_KEY: target}, saved[MODEL_KEY]
-    else:
-      item, saved_model = target, saved
-    _check_against_metadata(target, saved_model, state_dir)
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-  finally:
-    checkpointer.close()
-  model_tree = restored[MODEL_KEY] if MODEL_KEY in item else restored
-  return graphdef, from_saveable(abstract_state, model_tree)
+  return graphdef, checkpoint.restore_model(state_dir, abstract_state)
 
 
 def load(path, *, step: int | None = None, which: str | None = None, config=None, device=None) -> Predictor:

@@ -8,15 +8,15 @@ import numpy as np
 from flax import nnx
 
 from qdformer_jax import sharding
-from qdformer_jax.training import train
+from qdformer_jax.training import state as state_lib
 
 
 def tiny_synthetic_config(data_dir: str, *, image_size: int = 32, num_frames: int = 3,
-                          clips: tuple[int, int, int] = (2, 3, 2), **changes):
-  """``configs/synthetic.py:smoke`` at ``image_size`` px and T = ``num_frames``, with
-  (train, val, test) ``clips`` built under ``data_dir``; ``changes`` set top-level fields."""
+                          clips: tuple[int, int, int] = (2, 3, 2), arg: str = 'smoke', **changes):
+  """``configs/synthetic.py:<arg>`` (default ``smoke``) at ``image_size`` px and T = ``num_frames``,
+  with (train, val, test) ``clips`` built under ``data_dir``; ``changes`` set top-level fields."""
   from configs import synthetic
-  c = synthetic.get_config('smoke')
+  c = synthetic.get_config(arg)
   c.data.data_dir = data_dir
   c.data.image_size = image_size
   c.data.num_frames = num_frames
@@ -27,10 +27,10 @@ def tiny_synthetic_config(data_dir: str, *, image_size: int = 32, num_frames: in
 
 
 def random_train_state(config, mesh, drop_steps=(), seed: int = 0):
-  """(graphdef, state, abstract state) like ``train.create_train_state``, replicated over ``mesh``,
+  """(graphdef, state, abstract state) like ``state_lib.create_train_state``, replicated over ``mesh``,
   with parameters drawn in NumPy (weights scaled by fan-in; norm variances and scales 1, other
   vectors 0): the initialiser's XLA compile is the slowest part of a tiny test or a cost benchmark."""
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: train.model_and_optimizer(config, drop_steps)))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: state_lib.model_and_optimizer(config, drop_steps)))
   replicated = sharding.replicated(mesh)
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)

@@ -20,7 +20,11 @@ def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
   for r in results['runs']:
     assert 0.0 <= r['test'] <= 1.0 and set(r['noise']) == {'clean', '10', '0'}
     assert r['noise']['clean'] == r['test']  # the sweep's clean row is the plain test evaluation
+    negative = r['negative_audio']
+    assert all(0.0 <= negative[f'fpr_{k}'] <= 1.0 for k in ('silence', 'noise', 'offscreen'))
+    assert r['negative_fraction'] == 0.0
   table = (out / 'results.md').read_text()
+  assert '| variant | FPR silence | FPR noise | FPR off-screen | G-mIoU | G-F |' in table
   assert '| full | row 6: + LC (full) |' in table and '| baseline | row 1: no decomposition |' in table
   assert (out / 'results.png').stat().st_size > 0
   # Rerun: finished runs are read back, not trained again (their checkpoints are untouched).
@@ -50,14 +54,15 @@ def test_same_seed_gives_bitwise_equal_parameters(tmp_path):
   from configs import synthetic
   from qdformer_jax import sharding
   from qdformer_jax.data import pipeline
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
+  from qdformer_jax.training import step as step_lib
   config = synthetic.get_config('smoke')
   config.data.data_dir = str(tmp_path / 'tfds')
   mesh = sharding.make_mesh(config)
   finals = []
   for _ in range(2):
-    graphdef, state, abstract = train.create_train_state(config, mesh, (5,))
-    step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+    graphdef, state, abstract = state_lib.create_train_state(config, mesh, (5,))
+    step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
     it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
     for _ in range(3):
       state, _ = step(state, pipeline.to_global(pipeline.device_batch(next(it)), mesh))

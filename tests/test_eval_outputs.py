@@ -4,15 +4,15 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from qdformer_jax import sharding, testing
-from qdformer_jax.data import pipeline, registry, synthetic
+from qdformer_jax.data import noise, pipeline, registry, synthetic
 from qdformer_jax.evaluation import evaluator as evaluator_lib
 from qdformer_jax.evaluation import overlays, reports
+from qdformer_jax.training import state as state_lib
 
 
 def tiny_config(data_dir: str):
@@ -101,7 +101,7 @@ def test_write_overlays_png_and_legend(tmp_path):
 def setup(tmp_path_factory):
   config = tiny_config(str(tmp_path_factory.mktemp('tfds')))
   mesh = sharding.make_mesh(config)
-  graphdef, state, _ = testing.random_train_state(config, mesh)
+  graphdef, state = state_lib.model_part(*testing.random_train_state(config, mesh)[:2])  # the model alone
   # One Evaluator for the module: its eval step compiles once.
   return config, mesh, evaluator_lib.Evaluator(config, mesh, graphdef), state
 
@@ -125,7 +125,7 @@ def test_run_writes_overlays_images_and_noisy_runs(setup, tmp_path):
   writer = RecordingWriter()
   out = str(tmp_path / 'reports' / 'overlays' / 'val_5')
   results = evaluator.run(state, 'val', collect=config.eval.num_overlays)
-  overlays.write_overlays(out, evaluator.collected, config, limit=config.eval.num_overlays, writer=writer,
+  overlays.write_overlays(out, results.pop('collected'), config, limit=config.eval.num_overlays, writer=writer,
                           tag='overlays_val', step=5)
   assert results['num_clips'] == 3 and 0.0 <= results['mIoU'] <= 1.0
   files = sorted(os.listdir(out))
@@ -138,7 +138,7 @@ def test_run_writes_overlays_images_and_noisy_runs(setup, tmp_path):
   path = reports.write_report(str(tmp_path), 'val', 5, config, results)
   assert json.load(open(path))['metrics']['num_clips'] == 3
   # The same compiled step evaluates noisy audio (the noise sweep's runs).
-  noisy = evaluator.run(state, 'val', noise_snr=-10.0)
+  noisy = evaluator.run(state, 'val', noise_condition=noise.Condition(-10.0))
   assert noisy['noise_snr_db'] == -10.0 and 0.0 <= noisy['mIoU'] <= 1.0
   assert evaluator._step(False)._cache_size() == 1
 
@@ -185,8 +185,10 @@ def test_threshold_picked_on_val_is_applied_to_test_and_reported(setup, tmp_path
   config, mesh, evaluator, state = setup
   config = config.copy_and_resolve_references()
   config.eval.threshold = 'val'
-  entries = {'test': ml_collections.ConfigDict({'kind': 'segmentation', 'split': 'test', 'every': 0})}
-  out = evals.run(evaluator, state, 7, config, str(tmp_path), entries)
+  config.evals = {'test': {'kind': 'segmentation', 'split': 'test'}}
+  evaluations = evals.Evaluations(config, mesh, None, str(tmp_path))
+  evaluations.evaluator = evaluator  # the module's, already compiled
+  out = evaluations.run(state, 7)
   val = evaluator.run(state, 'val', threshold=0.5)
   picked = evals.pick_threshold(val, config.best_metric)
   assert out['test']['threshold'] == picked

@@ -187,7 +187,7 @@ def test_load_errors(run, tmp_path):
     inference.load(os.path.join(run['workdir'], 'checkpoints', '1'), which='best')
   other = run['config'].copy_and_resolve_references()
   other.model.codebook_size = 8
-  with pytest.raises(ValueError, match=r'quantizer/codebook: checkpoint \(16, 32\)'):
+  with pytest.raises(ValueError, match=r'quantizer.codebook stored shape \(16, 32\), requested \(8, 32\)'):
     inference.load(run['workdir'], config=other)
 
 

@@ -54,7 +54,7 @@ def test_default_job_learns_from_frames_and_audio(tmp_path):
 
   with open(reports.report_path(workdir, 'audio_use', 'val', STEPS)) as f:
     use = json.load(f)['metrics']['mIoU']
-  with open(reports.report_path(workdir, 'segmentation', 'val', STEPS)) as f:
+  with open(reports.report_path(workdir, reports.SEGMENTATION_PREFIX, 'val', STEPS)) as f:
     trained = json.load(f)['metrics']['mIoU']
   print(f'val mIoU at step {STEPS}: {trained:.4f}; matched {use["matched_audio"]:.4f}, shuffled audio '
         f'{use["shuffled_audio"]:.4f}, drop {use["drop"]:.4f}')

@@ -145,12 +145,13 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
   from qdformer_jax import sharding
   from qdformer_jax.data import pipeline
   from qdformer_jax.evaluation import evaluator as evaluator_lib
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
+  from qdformer_jax.training import step as step_lib
   from qdformer_jax.training.checkpoint import Checkpoints, from_saveable, to_saveable
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config(data_dir, mesh_fsdp=2)
   mesh_fsdp = sharding.make_mesh(config)
-  graphdef, state, abstract = train.create_train_state(config, mesh_fsdp, tuple(config.lr_drop_steps))
+  graphdef, state, abstract = state_lib.create_train_state(config, mesh_fsdp, tuple(config.lr_drop_steps))
   split = _fsdp_split_leaves(state)
   init = _host_state(state)
   initial = jax.device_get(to_saveable(state))  # host copy: every mesh starts from fresh buffers
@@ -164,7 +165,7 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
     t0 = time.time()
     shardings = jax.tree.map(lambda x, mesh=mesh: sharding.param_sharding(mesh, x), abstract)
     st = jax.device_put(from_saveable(abstract, initial), shardings)
-    step = train.make_train_step(graphdef, config, shardings, mesh)
+    step = step_lib.make_train_step(graphdef, config, shardings, mesh)
     history = []
     for batch in batches:
       st, metrics = step(st, pipeline.to_global(batch, mesh))
@@ -182,7 +183,8 @@ def worker_eight_devices(data_dir: str, workdir: str, dump: str, out: str):
   following = next(it)  # the batch a resumed run must see next
   np.savez(dump, **{'init/' + k: v for k, v in init.items()}, **{'trained/' + k: v for k, v in trained.items()},
            **{'next/' + k: following[k] for k in pipeline.DEVICE_KEYS})
-  result['eval'] = evaluator_lib.Evaluator(config, mesh_fsdp, graphdef).run(st, config.data.eval_split)
+  model_graphdef, model_state = state_lib.model_part(graphdef, st)
+  result['eval'] = evaluator_lib.Evaluator(config, mesh_fsdp, model_graphdef).run(model_state, config.data.eval_split)
   result['seconds']['save_and_eval'] = round(time.time() - t0, 1)
   with open(out, 'w') as f:
     json.dump(result, f)
@@ -195,12 +197,12 @@ def worker_restore(data_dir: str, workdir: str, dump: str, out: str):
   from qdformer_jax import sharding
   from qdformer_jax.data import pipeline
   from qdformer_jax.evaluation import evaluator as evaluator_lib
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
   from qdformer_jax.training.checkpoint import Checkpoints
   assert jax.device_count() == 1, jax.devices()
   config = tiny_config(data_dir, mesh_fsdp=1)
   mesh = sharding.make_mesh(config)
-  graphdef, state, abstract = train.create_train_state(config, mesh, tuple(config.lr_drop_steps))
+  graphdef, state, abstract = state_lib.create_train_state(config, mesh, tuple(config.lr_drop_steps))
   ref = np.load(dump)
   init = _host_state(state)
   result = {'num_leaves': len(init),
@@ -216,7 +218,8 @@ def worker_restore(data_dir: str, workdir: str, dump: str, out: str):
   result['meta'], result['step'] = meta, step
   following = next(it)
   result['iterator_mismatch'] = [k for k in pipeline.DEVICE_KEYS if not np.array_equal(following[k], ref['next/' + k])]
-  result['eval'] = evaluator_lib.Evaluator(config, mesh, graphdef).run(restored, config.data.eval_split)
+  model_graphdef, model_state = state_lib.model_part(graphdef, restored)
+  result['eval'] = evaluator_lib.Evaluator(config, mesh, model_graphdef).run(model_state, config.data.eval_split)
   with open(out, 'w') as f:
     json.dump(result, f)
 

@@ -170,7 +170,8 @@ def worker_host(process_id: int, port: int, data_dir: str, workdir: str, out: st
   from qdformer_jax import sharding
   from qdformer_jax.data import pipeline
   from qdformer_jax.evaluation import evaluator as evaluator_lib
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
+  from qdformer_jax.training import step as step_lib
   from qdformer_jax.training.checkpoint import Checkpoints
   result = {'process_index': jax.process_index(), 'process_count': jax.process_count(),
             'device_count': jax.device_count(), 'local_device_count': jax.local_device_count(), 'seconds': {}}
@@ -190,10 +191,10 @@ def worker_host(process_id: int, port: int, data_dir: str, workdir: str, out: st
            **{'global/' + k: v for k, v in _gather(batch, mesh).items()})
 
   # One train step on parameters split across the processes.
-  graphdef, state, abstract = train.create_train_state(config, mesh, tuple(config.lr_drop_steps))
+  graphdef, state, abstract = state_lib.create_train_state(config, mesh, tuple(config.lr_drop_steps))
   result['leaves_split_across_processes'] = sum(not x.is_fully_addressable and not x.is_fully_replicated
                                                 for x in jax.tree.leaves(state))
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
   state, metrics = step(state, batch)
   result['metrics'] = {k: float(v) for k, v in jax.device_get(metrics).items()}
   result['seconds']['init_and_step'] = round(time.time() - t0, 1)
@@ -233,7 +234,8 @@ def worker_host(process_id: int, port: int, data_dir: str, workdir: str, out: st
     keys = {'index': host_batch['index'], 'clip_valid': host_batch['clip_valid']}
     gathered = _gather(pipeline.to_global(keys, mesh), mesh)
     result['eval_batches'].append({k: v.tolist() for k, v in gathered.items()})
-  result['eval'] = evaluator_lib.Evaluator(config, mesh, graphdef).run(restored, config.data.eval_split)
+  model_graphdef, model_state = state_lib.model_part(graphdef, restored)
+  result['eval'] = evaluator_lib.Evaluator(config, mesh, model_graphdef).run(model_state, config.data.eval_split)
   result['seconds']['eval'] = round(time.time() - t0, 1)
 
   with open(out, 'w') as f:

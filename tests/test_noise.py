@@ -17,7 +17,7 @@ from PIL import Image
 
 from qdformer_jax import sharding, testing
 from qdformer_jax.data import audio, noise, pipeline, records, registry, synthetic
-from qdformer_jax.training import checkpoint, train
+from qdformer_jax.training import checkpoint, eval_mode
 
 
 def tiny_config(data_dir: str):
@@ -106,13 +106,6 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
-def _with_noise(data_config, snr_db, seed=0):
-  data_config = data_config.copy_and_resolve_references()
-  with data_config.unlocked():
-    data_config.noise_snr_db = snr_db
-    data_config.noise_seed = seed
-    data_config.noise_dir = None
-  return data_config
 
 
 def test_synthetic_records_hold_their_waveform(data_dir):
@@ -137,9 +130,9 @@ def test_noisy_log_mel_in_the_eval_pipeline(data_dir):
   clean = next(pipeline.make_eval_iterator(config.data, 'val', global_batch_size=2, limit=3)[0])
   distance = {}
   for snr in (20.0, 0.0, -10.0):
-    batch = next(pipeline.make_eval_iterator(_with_noise(config.data, snr), 'val', global_batch_size=2,
+    batch = next(pipeline.make_eval_iterator(config.data, 'val', noise_condition=noise.Condition(snr), global_batch_size=2,
                                              limit=3)[0])
-    again = next(pipeline.make_eval_iterator(_with_noise(config.data, snr), 'val', global_batch_size=2,
+    again = next(pipeline.make_eval_iterator(config.data, 'val', noise_condition=noise.Condition(snr), global_batch_size=2,
                                              limit=3)[0])
     np.testing.assert_array_equal(batch['log_mel'], again['log_mel'])  # deterministic
     for key in ('frames', 'semantic', 'gt_valid', 'frame_valid'):
@@ -153,7 +146,7 @@ def test_noisy_log_mel_in_the_eval_pipeline(data_dir):
     np.testing.assert_allclose(batch['log_mel'][0], audio.waveform_to_log_mel(mixed, 16000)[:3],
                                rtol=0, atol=1e-4)
   assert 0 < distance[20.0] < distance[0.0] < distance[-10.0], distance
-  other_seed = next(pipeline.make_eval_iterator(_with_noise(config.data, 0.0, seed=1), 'val',
+  other_seed = next(pipeline.make_eval_iterator(config.data, 'val', noise_condition=noise.Condition(0.0, 1),
                                                 global_batch_size=2, limit=3)[0])
   assert not np.allclose(other_seed['log_mel'], batch['log_mel'])
 
@@ -169,7 +162,7 @@ def test_ast_filterbanks_in_the_pipeline_clean_and_noisy(data_dir):
   clean = next(pipeline.make_eval_iterator(config.data, 'val', global_batch_size=2, limit=3)[0])
   assert clean['log_mel'].shape == (2, 3, 98, 128)
   np.testing.assert_array_equal(clean['log_mel'][0], audio.waveform_to_ast_fbank(wave, 16000)[:3])
-  noisy = next(pipeline.make_eval_iterator(_with_noise(config.data, 0.0), 'val', global_batch_size=2, limit=3)[0])
+  noisy = next(pipeline.make_eval_iterator(config.data, 'val', noise_condition=noise.Condition(0.0), global_batch_size=2, limit=3)[0])
   n = noise.pink_noise(wave.size, np.random.default_rng([0, 0]))
   mixed = wave + n * np.sqrt(np.mean(wave ** 2) / np.mean(n ** 2))
   np.testing.assert_allclose(noisy['log_mel'][0], audio.waveform_to_ast_fbank(mixed, 16000)[:3], rtol=0, atol=1e-4)
@@ -203,7 +196,7 @@ def test_avsbench_records_hold_their_waveform(tmp_path):
       assert error.max() < 0.05 and error.mean() < 1e-3, (error.max(), error.mean())
       data_config = tiny_config(str(tmp_path)).data
       data_config.update(name=name, builder_config=cfg)
-      noisy = pipeline.record_log_mel(dict(record, _index=i), _with_noise(data_config, 0.0))
+      noisy = pipeline.record_log_mel(dict(record, _index=i), data_config, noise.Condition(0.0))
       assert noisy.shape == (t, 96, 64)
       assert not np.allclose(noisy[:real], record['log_mel'][:real])
       assert not noisy[real:].any()  # AVSS v1 clips: the padded frames stay silent
@@ -259,14 +252,13 @@ def test_noise_sweep_report_end_to_end(data_dir, tmp_path, monkeypatch):
   ckpt.wait()
   ckpt.close()
 
-  def stub_abstract_state(config, mesh, drop_steps):
-    graphdef, _, abstract = stub_train_state(config, mesh, drop_steps)
-    return graphdef, abstract
+  def stub_abstract_model(config):
+    return nnx.split(nnx.eval_shape(lambda: AudioDrivenModel(config.data.num_classes)))
 
-  monkeypatch.setattr(train, 'abstract_train_state', stub_abstract_state)
+  monkeypatch.setattr(eval_mode, 'abstract_model', stub_abstract_model)
   config.mode = 'eval'
   config.eval.noise_snrs = (10.0, -20.0)
-  clean = train.evaluate_checkpoint(config, workdir)
+  clean = eval_mode.evaluate_checkpoint(config, workdir)
   reports = os.path.join(workdir, 'reports')
   assert json.load(open(os.path.join(reports, 'eval_val_3.json')))['metrics']['num_clips'] == 3
   overlays = sorted(os.listdir(os.path.join(reports, 'overlays', 'val_3')))

@@ -42,15 +42,16 @@ def test_lowered_step_flops_match_the_compiled_step():
   from benchmarks.model_cost import load_config
   from qdformer_jax import sharding
   from qdformer_jax.data import pipeline
-  from qdformer_jax.training import train
+  from qdformer_jax.training import state as state_lib
+  from qdformer_jax.training import step as step_lib
 
   spec = 'configs/synthetic.py:smoke'
   measured = projection.step_flops(spec)
   config = load_config(spec)
   config.model.dtype = config.model.backbone.dtype = 'bfloat16'
   mesh = sharding.make_mesh(config)
-  graphdef, abstract_state = train.abstract_train_state(config, mesh, ())
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
+  graphdef, abstract_state = state_lib.abstract_train_state(config, mesh, ())
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
   compiled = step.lower(abstract_state, pipeline.batch_spec(config.data, config.batch_size, mesh)).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis

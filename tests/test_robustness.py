@@ -65,9 +65,16 @@ def main_args(data_dir: str, workdir: str, **changes) -> list[str]:
 def start(data_dir: str, workdir: str, log: str, *, env: dict | None = None, **changes) -> subprocess.Popen:
   with open(log, 'a') as f:
     f.write(f'\n=== run {time.strftime("%H:%M:%S")}\n')
-    return subprocess.Popen(main_args(data_dir, workdir, **changes), cwd=REPO,
-                            env={**worker_processes.worker_env(1), **(env or {})},
-                            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    # A run started from a terminal handles Ctrl-C, whatever this test process inherited: a shell's
+    # background job starts with SIGINT ignored, which its children inherit (and a run keeps an
+    # ignored SIGINT ignored). A handled signal is reset to the default at exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+      return subprocess.Popen(main_args(data_dir, workdir, **changes), cwd=REPO,
+                              env={**worker_processes.worker_env(1), **(env or {})},
+                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+      signal.signal(signal.SIGINT, previous)
 
 
 def wait_until(proc: subprocess.Popen, condition, timeout: float = RUN_TIMEOUT_S) -> bool:
@@ -220,7 +227,7 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_unsaved_step(kernel_imported, 
   """The first Ctrl-C asks the loop to save and stop (one line); a second one, while the step is
   being saved, exits at once with code 130 and one line naming the step that was not saved. Having
   imported ipykernel (as the notebook test does in this process) does not make a script a notebook."""
-  from qdformer_jax.training import train
+  from qdformer_jax.training import preemption
   if kernel_imported:
     monkeypatch.setitem(sys.modules, 'ipykernel', types.ModuleType('ipykernel'))
 
@@ -229,8 +236,10 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_unsaved_step(kernel_imported, 
 
   def exit_now(code):
     raise Exited(code)
-  monkeypatch.setattr(train.os, '_exit', exit_now)
-  stop = train.StopRequest(where='/runs/x/checkpoints')
+  monkeypatch.setattr(preemption.os, '_exit', exit_now)
+  # As in a terminal, even when pytest runs as a shell's background job (SIGINT ignored).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  stop = preemption.StopRequest(where='/runs/x/checkpoints')
   try:
     assert not stop.requested(4)
     os.kill(os.getpid(), signal.SIGINT)
@@ -245,7 +254,9 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_unsaved_step(kernel_imported, 
   assert 'Ctrl-C: saving the current step, then stopping' in first
   assert second.endswith('error: second Ctrl-C: stopped at once; step 5 was not saved (the rerun resumes from the '
                          'latest complete checkpoint in /runs/x/checkpoints)')
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  restored = signal.getsignal(signal.SIGINT)
+  signal.signal(signal.SIGINT, outer)
+  assert restored is signal.default_int_handler  # close() put back the handler it found
 
 
 def test_killed_between_the_final_checkpoint_and_its_evaluation(data_dir, reference, tmp_path, caplog):
@@ -390,18 +401,38 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_evaluates(data_dir, r
 
 # -- divergence -------------------------------------------------------------------------------------
 
-def test_nonfinite_loss_stops_then_skip_mode_finishes(data_dir, tmp_path, caplog):
-  """Default: NaN audio at step 5 (config.debug_nan_step) makes that step's gradients non-finite; the
-  run stops naming step 5 and the non-finite terms, and step 4 stays the latest checkpoint. The same workdir with nonfinite='skip' resumes from 4, skips step 5's
-  update, counts it and finishes with finite parameters."""
+def nan_audio_at(monkeypatch, step: int):
+  """The train loop's batch ``step`` (1-based, counted from the run's first step) gets NaN audio, so
+  that step's loss and gradients are NaN (the loop's own device_batch, wrapped)."""
+  from qdformer_jax.data import pipeline
+  original, calls = pipeline.device_batch, []
+
+  def device_batch(batch):
+    batch = original(batch)
+    if 'clip_valid' not in batch:  # a train batch (eval batches carry clip_valid)
+      calls.append(1)
+      if len(calls) == step:
+        batch = dict(batch, log_mel=np.full_like(batch['log_mel'], np.nan))
+    return batch
+  monkeypatch.setattr(pipeline, 'device_batch', device_batch)
+
+
+def test_nonfinite_loss_stops_then_skip_mode_finishes(data_dir, tmp_path, caplog, monkeypatch):
+  """Default: NaN audio at step 5 makes that step's gradients non-finite; the run stops naming step 5
+  and the non-finite terms, and step 4 stays the latest checkpoint. The same workdir with
+  nonfinite='skip' resumes from 4, skips step 5's update, counts it and finishes with finite
+  parameters."""
+  from qdformer_jax.training import step as step_lib
   from qdformer_jax.training import train
   workdir = str(tmp_path / 'run')
-  config = tiny_config(data_dir, total_steps=6, evals=NO_EVAL, debug_nan_step=5)
-  with pytest.raises(train.NonFiniteError, match=r'at step 5: .*(grad_norm|loss).*latest checkpoint is step 4'):
+  config = tiny_config(data_dir, total_steps=6, evals=NO_EVAL)
+  nan_audio_at(monkeypatch, 5)
+  with pytest.raises(step_lib.NonFiniteError, match=r'at step 5: .*(grad_norm|loss).*latest checkpoint is step 4'):
     train.train_and_evaluate(config, workdir)
   assert steps_in(workdir) == [2, 4]
 
-  config = tiny_config(data_dir, total_steps=6, evals=NO_EVAL, debug_nan_step=5, nonfinite='skip')
+  config = tiny_config(data_dir, total_steps=6, evals=NO_EVAL, nonfinite='skip')
+  nan_audio_at(monkeypatch, 1)  # the resumed run's first step is step 5
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, workdir)
   assert 'resumed from step 4' in caplog.text
@@ -420,19 +451,20 @@ def test_consecutive_nonfinite_limit_and_messages():
   """check_finite: 'error' names the first step and its terms; 'skip' stops at the limit in a row."""
   import ml_collections
 
-  from qdformer_jax.training import train
+  from qdformer_jax.training import startup
+  from qdformer_jax.training import step as step_lib
   config = ml_collections.ConfigDict(dict(nonfinite='skip', nonfinite_max_consecutive=3,
                                           optim=dict(learning_rate=1e8)))
   health = {'bad': 3, 'first_step': 7, 'first_terms': {'loss': True, 'grad_norm': True, 'loss_mask': False},
             'max_run': 2, 'max_run_end': 9}
-  train.check_finite(health, config, latest_checkpoint=6, skipped_before=0)  # 2 in a row < 3
-  with pytest.raises(train.NonFiniteError, match=r'3 consecutive non-finite updates ending at step 10'):
-    train.check_finite(dict(health, max_run=3, max_run_end=10), config, 6, 0)
+  step_lib.check_finite(health, config, latest_checkpoint=6, skipped_before=0)  # 2 in a row < 3
+  with pytest.raises(step_lib.NonFiniteError, match=r'3 consecutive non-finite updates ending at step 10'):
+    step_lib.check_finite(dict(health, max_run=3, max_run_end=10), config, 6, 0)
   config.nonfinite = 'error'
-  with pytest.raises(train.NonFiniteError, match=r'at step 7: grad_norm, loss; .*latest checkpoint is step 6'):
-    train.check_finite(health, config, 6, 0)
+  with pytest.raises(step_lib.NonFiniteError, match=r'at step 7: grad_norm, loss; .*latest checkpoint is step 6'):
+    step_lib.check_finite(health, config, 6, 0)
   with pytest.raises(ValueError, match=r"config.nonfinite must be one of \['error', 'skip'\]"):
-    train.check_run_config(ml_collections.ConfigDict(dict(nonfinite='ignore', nonfinite_max_consecutive=1)))
+    startup.validate(ml_collections.ConfigDict(dict(mode='train', nonfinite='ignore', nonfinite_max_consecutive=1)))
 
 
 # -- bad checkpoints --------------------------------------------------------------------------------
@@ -481,12 +513,12 @@ def test_changed_model_on_resume_names_fields_and_parameters(data_dir, reference
 
 
 def test_config_differences_allow_schedule_and_cadence_changes():
-  from qdformer_jax.training import train
+  from qdformer_jax.training import resume
   stored = {'total_steps': 8, 'eval_every': 4, 'model': {'hidden_dim': 32, 'heads': 2}, 'eval': {'limit': 4},
             'data': {'data_dir': '/a', 'image_size': 32}, 'optim': {'learning_rate': 1e-4}}
   requested = {'total_steps': 16, 'eval_every': 2, 'model': {'hidden_dim': 32, 'heads': 4}, 'eval': {'limit': 0},
                'data': {'data_dir': '/b', 'image_size': 32}, 'optim': {'learning_rate': 1e-3}, 'nonfinite': 'skip'}
-  fixed, free = train.config_differences(stored, requested)
+  fixed, free = resume.config_differences(stored, requested)
   assert [f for f, _, _ in fixed] == ['model.heads', 'optim.learning_rate']
   assert [f for f, _, _ in free] == ['data.data_dir', 'eval.limit', 'eval_every', 'nonfinite', 'total_steps']
 
@@ -597,7 +629,7 @@ def _worker(spec: dict) -> None:
       json.dump({worker_processes.GLOO_UNAVAILABLE: str(e)}, f)
     return
   from qdformer_jax import console
-  from qdformer_jax.training import train
+  from qdformer_jax.training import preemption, train
 
   class Patch:
     setattr = staticmethod(setattr)
@@ -608,7 +640,7 @@ def _worker(spec: dict) -> None:
   try:
     train.train_and_evaluate(tiny_config(spec['data_dir'], **ELASTIC, total_steps=spec['total_steps']),
                              spec['workdir'])
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     code = e.code
   with open(spec['out'], 'w') as f:
     json.dump({'batches': batches, 'exit': code}, f)
@@ -619,17 +651,17 @@ def _worker(spec: dict) -> None:
 # -- bad inputs -------------------------------------------------------------------------------------
 
 def test_eval_checkpoint_choice_is_checked(data_dir, reference):
-  from qdformer_jax.training import train
+  from qdformer_jax.training import checkpoint, eval_mode
   config = tiny_config(data_dir)
   config.mode = 'eval'
   config.eval.checkpoint = 'bets'
   with pytest.raises(ValueError, match=r"config.eval.checkpoint must be 'latest', 'best' or a step number .*'bets'"):
-    train.evaluate_checkpoint(config, reference)
+    eval_mode.evaluate_checkpoint(config, reference)
   config.eval.checkpoint = '5'
   with pytest.raises(FileNotFoundError, match=r'no checkpoint step 5 .*\(steps: 4, 6, 8\)'):
-    train.evaluate_checkpoint(config, reference)
-  assert train.parse_checkpoint_choice(' Best ') == ('best', None)
-  assert train.parse_checkpoint_choice(1200) == ('latest', 1200)
+    eval_mode.evaluate_checkpoint(config, reference)
+  assert checkpoint.parse_checkpoint_choice(' Best ') == ('best', None)
+  assert checkpoint.parse_checkpoint_choice(1200) == ('latest', 1200)
 
 
 def test_nonfinite_eval_metric_never_ranks_as_best():

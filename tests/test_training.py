@@ -11,7 +11,9 @@ import pytest
 
 from qdformer_jax import sharding, testing
 from qdformer_jax.data import pipeline
-from qdformer_jax.training import train
+from qdformer_jax.training import eval_mode, train
+from qdformer_jax.training import state as state_lib
+from qdformer_jax.training import step as step_lib
 
 
 def tiny_config(data_dir: str, **changes):
@@ -62,8 +64,8 @@ def test_train_iterator_state_restores_next_batch(data_dir):
 def test_train_step_is_one_program_compiled_once(data_dir):
   config = tiny_config(data_dir)
   mesh = sharding.make_mesh(config)
-  graphdef, state, abstract = train.create_train_state(config, mesh, (1,))
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  graphdef, state, abstract = state_lib.create_train_state(config, mesh, (1,))
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
   batch = pipeline.to_global(pipeline.device_batch(next(it)), mesh)
   hlo = step.lower(state, batch).as_text()
@@ -91,8 +93,8 @@ def test_pvt_backbone_and_ast_audio_train_a_step(data_dir):
   config.model.audio.trainable = False
   assert config.data.audio_encoder == 'ast'
   mesh = sharding.make_mesh(config)
-  graphdef, state, abstract = train.create_train_state(config, mesh, (1,))
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  graphdef, state, abstract = state_lib.create_train_state(config, mesh, (1,))
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
   host = next(it)
   assert host['log_mel'].shape == (2, 3, 98, 128) and np.isfinite(host['log_mel']).all()
@@ -115,12 +117,12 @@ def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
   config.model.backbone.frozen_stages = 1  # stem + layer1
   config.optim.update(weight_decay=0.05, warmup_steps=0)
   mesh = sharding.make_mesh(config)
-  graphdef, state, abstract = train.create_train_state(config, mesh, ())
+  graphdef, state, abstract = state_lib.create_train_state(config, mesh, ())
   model = nnx.merge(graphdef, state)[0]
   in_optimizer = nnx.state(model, optim.trainable_filter(model))
   assert 'audio_encoder' not in in_optimizer and 'conv1' not in in_optimizer['backbone']
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))  # host copies (the step donates)
-  step = train.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  step = step_lib.make_train_step(graphdef, config, jax.tree.map(lambda x: x.sharding, abstract), mesh)
   it = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
   state, metrics = step(state, pipeline.to_global(pipeline.device_batch(next(it)), mesh))
   assert np.isfinite(float(metrics['loss']))
@@ -158,7 +160,7 @@ def test_smoke_run_writes_report_then_resumes(data_dir, tmp_path, caplog):
   config = tiny_config(data_dir, total_steps=4)
   config.mode = 'eval'
   config.eval.shuffle_audio = True
-  train.evaluate_checkpoint(config, workdir)
+  eval_mode.evaluate_checkpoint(config, workdir)
   reports = os.path.join(workdir, 'reports')
   plain = json.load(open(os.path.join(reports, 'eval_val_4.json')))['metrics']
   shuffled = json.load(open(os.path.join(reports, 'eval_val_shuffled_audio_4.json')))['metrics']

@@ -20,6 +20,7 @@ excerpt, only its level changes, and two runs of a sweep see identical inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import zlib
@@ -94,6 +95,16 @@ class NoiseSource:
       start = int(rng.integers(waveform.shape[0] - num_samples + 1))
       return waveform[start:start + num_samples]
     return np.resize(waveform, num_samples)  # repeated to length
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """Background noise for an evaluation: mixed into every clip's waveform at ``snr_db`` before the
+  audio examples are computed, deterministic per (``seed``, clip index); from the WAV files under
+  ``noise_dir``, else pink noise. An explicit argument of ``pipeline.make_eval_iterator``."""
+  snr_db: float
+  seed: int = 0
+  noise_dir: str | None = None
 
 
 @functools.lru_cache(maxsize=4)

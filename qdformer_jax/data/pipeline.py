@@ -16,9 +16,11 @@ checkpointed with P processes resumes with any other count at the same example. 
 pass and pad the last batch with copies marked ``clip_valid = False`` so shapes stay static and every
 clip counts exactly once.
 
-Noise robustness: when the data config sets ``noise_snr_db`` (the evaluator does, per SNR of a
-sweep, with ``noise_seed`` and ``noise_dir``), each clip's log-mel is recomputed from its stored
-waveform with background noise mixed in at that SNR (``qdformer_jax.data.noise``).
+Noise robustness: an eval iterator given a ``noise.Condition`` (the noise sweep's evaluator passes
+one per SNR) recomputes each clip's log-mel from its stored waveform with background noise mixed in
+at that SNR (``qdformer_jax.data.noise``). Negative audio: an eval iterator given a
+``negatives.Negative`` gives every clip silence, noise or another clip's audio and an empty target;
+``data.negative_fraction`` does so for that fraction of the training clips (``qdformer_jax.data.negatives``).
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ import jax
 import numpy as np
 
 from qdformer_jax import sharding
-from qdformer_jax.data import audio, noise, records, registry, transforms
+from qdformer_jax.data import audio, negatives, noise, records, registry, transforms
 
 DEVICE_KEYS = ('frames', 'log_mel', 'semantic', 'gt_valid', 'frame_valid')  # + clip_valid in eval batches
 
 
-def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Generator | None) -> dict:
-  """One stored clip -> numpy arrays of the batch contract (one clip, no batch axis)."""
+def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Generator | None,
+                noise_condition: noise.Condition | None = None) -> dict:
+  """One stored clip -> numpy arrays of the batch contract (one clip, no batch axis); background
+  noise in its audio with a ``noise_condition`` (see ``record_log_mel``)."""
   size = int(data_config.image_size)
   num_frames = len(record['frames'])
   frame_valid = np.asarray(record['frame_valid'], bool).copy()
@@ -73,28 +77,26 @@ def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Genera
   out_masks[valid] = clip_masks
   return {
       'frames': out_frames,
-      'log_mel': record_log_mel(record, data_config),
+      'log_mel': record_log_mel(record, data_config, noise_condition),
       'semantic': out_masks,
       'gt_valid': gt_valid,
       'frame_valid': frame_valid,
   }
 
 
-def record_log_mel(record: dict, data_config) -> np.ndarray:
+def record_log_mel(record: dict, data_config, noise_condition: noise.Condition | None = None) -> np.ndarray:
   """The clip's float32 [T, *audio.example_shape(encoder)] audio examples, encoder =
   ``data_config.audio_encoder`` (= ``model.audio.encoder``): the stored VGGish log-mel; for 'ast' the
   AST filterbanks computed here from the stored waveform, one per second, laid out as the stored
-  log-mel (the first ``frame_valid`` seconds padded by the dataset's rule, zeros after). When
-  ``data_config.noise_snr_db`` is set, either is recomputed from the stored waveform with background
-  noise at that SNR, deterministic per (``noise_seed``, clip index) (noise from ``noise_dir``, else
-  pink; see ``noise.py``)."""
-  snr_db = data_config.get('noise_snr_db')
+  log-mel (the first ``frame_valid`` seconds padded by the dataset's rule, zeros after). With a
+  ``noise_condition``, either is recomputed from the stored waveform with background noise at its
+  SNR, deterministic per (its seed, clip index) (see ``noise.py``)."""
   encoder = data_config.get('audio_encoder') or 'vggish'
   pad_mode = registry.get(data_config.name).audio_pad
-  if snr_db is not None:
+  if noise_condition is not None:
     return noise.record_noisy_log_mel(
-        record, float(snr_db), seed=int(data_config.get('noise_seed', 0) or 0),
-        clip_index=item_index(record), noise_dir=data_config.get('noise_dir'), pad_mode=pad_mode, encoder=encoder)
+        record, float(noise_condition.snr_db), seed=int(noise_condition.seed), clip_index=item_index(record),
+        noise_dir=noise_condition.noise_dir, pad_mode=pad_mode, encoder=encoder)
   if encoder != 'ast':
     return np.asarray(record['log_mel'], np.float32)
   waveform = records.decode_audio(record)
@@ -107,23 +109,45 @@ def record_log_mel(record: dict, data_config) -> np.ndarray:
                              num_real=int(frame_valid.sum()), pad_mode=pad_mode, encoder='ast')
 
 
-class _DecodeTrain(grain.transforms.RandomMap):
+def negative_log_mel(record, kind: str, data_config, rng, donor=None) -> np.ndarray:
+  """The audio examples of ``record`` hearing negative audio ``kind`` (``donor``'s audio for 'offscreen')."""
+  donor_log_mel = record_log_mel(donor, data_config) if donor is not None else None
+  return negatives.negative_audio(record, kind, data_config, rng=rng, donor_log_mel=donor_log_mel)
 
-  def __init__(self, data_config):
-    self.data_config = data_config
+
+class _DecodeTrain(grain.transforms.RandomMap):
+  """A training clip; with ``data.negative_fraction`` > 0, that fraction of them negatives (drawn
+  from a generator of their own, so the positives' augmentation is the same as without negatives)."""
+
+  def __init__(self, data_config, source=None):
+    self.data_config, self.source = data_config, source
 
   def random_map(self, record, rng):
-    return decode_clip(record, self.data_config, train=True, rng=rng)
+    clip = decode_clip(record, self.data_config, train=True, rng=rng)
+    if self.source is not None:
+      negative_rng = np.random.default_rng(rng.integers(2 ** 63))
+      drawn = negatives.draw_train_negative(record, self.data_config, self.source, negative_rng)
+      if drawn is not None:
+        clip = negatives.make_negative(clip, negative_log_mel(record, drawn[0], self.data_config, negative_rng,
+                                                              drawn[1]))
+    return clip
 
 
 class _DecodeEval(grain.transforms.Map):
 
-  def __init__(self, data_config):
-    self.data_config = data_config
+  def __init__(self, data_config, noise_condition, negative=None, source=None):
+    self.data_config, self.noise_condition = data_config, noise_condition
+    self.negative, self.source = negative, source
 
   def map(self, item):
     record, valid = item
-    clip = decode_clip(record, self.data_config, train=False, rng=None)
+    clip = decode_clip(record, self.data_config, train=False, rng=None, noise_condition=self.noise_condition)
+    index = item_index(record)
+    if self.negative is not None:
+      kind = self.negative.kind
+      donor = self.source[self.negative.donors[max(index, 0)]] if kind == 'offscreen' else None
+      rng = noise.clip_rng(self.negative.seed, index, str(record.get('clip_id', '')))
+      clip = negatives.make_negative(clip, negative_log_mel(record, kind, self.data_config, rng, donor))
     clip['clip_valid'] = np.asarray(valid, bool)
     clip['index'] = np.asarray(item_index(record), np.int64)
     return clip
@@ -145,7 +169,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, proce
     raise ValueError(f'batch_size {global_batch_size} does not divide over {process_count} processes')
   source = registry.open_source(data_config, split or data_config.train_split)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  ds = ds.random_map(_DecodeTrain(data_config))  # lazy: a process decodes only the clips it takes
+  with_negatives = float(data_config.get('negative_fraction', 0.0) or 0.0) > 0.0
+  ds = ds.random_map(_DecodeTrain(data_config, source if with_negatives else None))  # lazy: a process decodes only the clips it takes
   # Global batch k is per-process batch k * process_count + p of every process p, in process order.
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)[process_index::process_count]
   it = iter(ds.to_iter_dataset(_read_options(data_config)))
@@ -156,9 +181,13 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, proce
 
 
 def make_eval_iterator(data_config, split: str, *, global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1, limit: int | None = None):
+                       process_count: int = 1, limit: int | None = None,
+                       noise_condition: noise.Condition | None = None,
+                       negative: negatives.Negative | None = None):
   """One pass over ``split``; every process yields the same number of batches; padding clips
-  carry ``clip_valid = False`` and ``index = -1``. Returns (iterator, number of real clips)."""
+  carry ``clip_valid = False`` and ``index = -1``; with ``noise_condition``, background noise in every
+  clip's audio; with ``negative``, negative audio and empty targets for every clip. Returns
+  (iterator, number of real clips)."""
   source = registry.open_source(data_config, split)
   total = len(source) if not limit else min(len(source), int(limit))
   per_process = global_batch_size // process_count
@@ -175,7 +204,8 @@ def make_eval_iterator(data_config, split: str, *, global_batch_size: int, proce
     record['_index'] = i if i < total else -1
     return record, i < total
 
-  ds = indices.map(fetch).map(_DecodeEval(data_config)).batch(per_process, drop_remainder=True)
+  decode = _DecodeEval(data_config, noise_condition, negative, source)
+  ds = indices.map(fetch).map(decode).batch(per_process, drop_remainder=True)
   logging.info('eval %s: %d clips in %d batches of %d', split, total, steps, global_batch_size)
   return iter(ds.to_iter_dataset(_read_options(data_config))), total
 

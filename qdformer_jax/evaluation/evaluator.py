@@ -3,8 +3,8 @@
 The eval step is the forward pass, the post-processing of ``postprocess.py`` at the evaluation size
 and the metric accumulators of ``metrics.py`` (the same code as the public metric functions). The
 host adds nothing: sums stay on the device across batches and are divided once. What the results
-become on disk (reports, overlays, plots) is ``reports.py``/``overlays.py``; which evaluations run
-when is ``evals.py``.
+become on disk (reports, overlays, plots) is each evaluation kind's module (``kinds/``); which
+evaluations run when is ``evals.py``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from qdformer_jax import sharding
-from qdformer_jax.data import pipeline
+from qdformer_jax.data import negatives, pipeline
+from qdformer_jax.data import noise as noise_lib
 from qdformer_jax.evaluation import bottleneck as bottleneck_lib
 from qdformer_jax.evaluation import metrics as metrics_lib
 from qdformer_jax.evaluation import postprocess
@@ -46,7 +47,8 @@ def check_eval_batch(config) -> None:
 
 
 class Evaluator:
-  """Runs one split through the jitted eval step; ``run`` returns the finalized metrics."""
+  """Runs one split through the jitted eval step; ``run`` returns the finalized metrics.
+  ``graphdef``: the model's (``nnx.split(model)``); ``run`` takes the model's state."""
 
   def __init__(self, config, mesh, graphdef):
     check_eval_batch(config)
@@ -60,7 +62,6 @@ class Evaluator:
     self.sweep = tuple(float(t) for t in config.eval.get('thresholds', ()) or ())
     self._steps = {}
     self._sums_template = None
-    self.collected = []
 
   def _step(self, shuffle_audio: bool):
     if shuffle_audio in self._steps:
@@ -71,7 +72,7 @@ class Evaluator:
     keep_padded = bool(config.eval.keep_padded_frames)
 
     def eval_step(state, batch, sums, threshold):
-      model, _ = nnx.merge(graphdef, state)
+      model = nnx.merge(graphdef, state)
       log_mel = batch['log_mel']
       if shuffle_audio:
         log_mel = log_mel[shifted_among_valid(batch['clip_valid'])]
@@ -95,7 +96,14 @@ class Evaluator:
         preds = jnp.where(score >= threshold, label, 0).astype(jnp.int32)
         new = accumulate(threshold)
         swept = jax.lax.map(accumulate, sweep)  # sequential: one [C]-histogram pass per threshold
-      new = {'metrics': new, 'sweep': swept}
+      # What is predicted at all: foreground pixels and frames with any mask (valid frames only); on
+      # clips whose audio has nothing visible sounding, the false positive rate.
+      foreground = (preds > 0) & valid[:, :, None, None]
+      new = {'metrics': new, 'sweep': swept, 'predicted': {
+          'foreground_pixels': jnp.sum(foreground, dtype=jnp.float32),
+          'pixels': jnp.sum(valid, dtype=jnp.float32) * size * size,
+          'frames_with_mask': jnp.sum(jnp.any(foreground, axis=(2, 3)), dtype=jnp.float32),
+          'frames': jnp.sum(valid, dtype=jnp.float32)}}
       if outputs.get('bottleneck') is not None:
         # What the decoder's queries know of the frame's sounding classes (bottleneck.py).
         presence_ids = (batch['semantic'] > 0).astype(jnp.uint8) if binary else batch['semantic']
@@ -119,29 +127,27 @@ class Evaluator:
                         self._sums_template)
 
   def run(self, state, split: str, *, threshold: float = postprocess.DEFAULT_THRESHOLD,
-          shuffle_audio: bool = False, noise_snr: float | None = None, collect: int = 0) -> dict:
-    """Evaluates ``state`` on ``split``; returns the finalized metrics plus run facts.
+          shuffle_audio: bool = False, noise_condition: noise_lib.Condition | None = None,
+          negative: negatives.Negative | None = None, predicted: bool = False, collect: int = 0) -> dict:
+    """Evaluates the model ``state`` on ``split``; returns the finalized metrics plus run facts.
 
     threshold: the post-processing threshold (docs/DESIGN.md §3); a traced input, so every value
       shares one compiled step. ``config.eval.thresholds`` are scored in the same pass, reported
       under ``threshold_sweep``.
     shuffle_audio: give every real clip the next real clip's audio (the audio-use check).
-    noise_snr: mix background noise into every clip's waveform at this SNR (dB) before the
-      log-mel (noise from ``config.eval.noise_dir``, else pink; seed ``config.eval.noise_seed``).
+    noise_condition: background noise mixed into every clip's waveform before its audio examples.
+    negative: every clip hears silence, noise or another clip's audio and its target is empty.
     collect: keep the host batches and predictions of the first ``collect`` real clips (process 0
-      only) in ``self.collected`` as (host_batch, preds) pairs, for overlays.
+      only) under ``results['collected']`` as (host_batch, preds) pairs, for overlays.
+
+    predicted: add ``results['predicted']``: the foreground fraction of the predicted pixels and the
+      fraction of frames with any predicted mask (valid frames), whatever the targets.
     """
     config = self.config
-    data_config = config.data
-    if noise_snr is not None:
-      data_config = data_config.copy_and_resolve_references()
-      with data_config.unlocked():
-        data_config.noise_snr_db = float(noise_snr)
-        data_config.noise_seed = int(config.eval.noise_seed)
-        data_config.noise_dir = config.eval.get('noise_dir') or None
     iterator, total = pipeline.make_eval_iterator(
-        data_config, split, global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), limit=config.eval.limit or None)
+        config.data, split, global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), limit=config.eval.limit or None, noise_condition=noise_condition,
+        negative=negative)
     eval_step = self._step(shuffle_audio)
     collect = int(collect) if jax.process_index() == 0 else 0
     t0 = time.time()
@@ -159,14 +165,22 @@ class Evaluator:
     results = metrics_lib.finalize(sums['metrics'])
     results.update(num_clips=total, eval_seconds=round(time.time() - t0, 2), shuffle_audio=shuffle_audio,
                    threshold=float(threshold))
+    if predicted:
+      counts = sums['predicted']
+      results['predicted'] = {
+          'foreground_fraction': float(counts['foreground_pixels'] / max(float(counts['pixels']), 1.0)),
+          'frames_with_mask': float(counts['frames_with_mask'] / max(float(counts['frames']), 1.0))}
     if self.sweep:
       results['threshold_sweep'] = {
           f'{t:g}': metrics_lib.finalize(jax.tree.map(lambda x, i=i: x[i], sums['sweep']))
           for i, t in enumerate(self.sweep)}
     if 'bottleneck' in sums:
       results['bottleneck'] = bottleneck_lib.finalize(sums['bottleneck'])
-    if noise_snr is not None:
-      results['noise_snr_db'] = float(noise_snr)
+    if noise_condition is not None:
+      results['noise_snr_db'] = float(noise_condition.snr_db)
+    if negative is not None:
+      results['negative_audio'] = negative.kind
     logging.debug('eval %s: %s', split, {k: v for k, v in results.items() if isinstance(v, float)})
-    self.collected = collected
+    if collect:
+      results['collected'] = collected
     return results

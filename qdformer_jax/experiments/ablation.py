@@ -1,13 +1,15 @@
 """Table 2 and Fig. 7 on the synthetic task: named variants × seeds, one command, resumable.
 
   python -m qdformer_jax.experiments.ablation --out DIR [--variants full,no_quant,...] [--seeds 0,1,2]
-      [--config configs/synthetic.py] [--steps 600] [--snrs 20,10,0,-10]
+      [--config configs/synthetic.py] [--steps 600] [--snrs 20,10,0,-10] [--negative_fraction 0.1]
 
 Every run trains ``--config`` with the variant's overrides for the same number of steps on the same
 data, seeds 0..S-1 (the seed draws the initial weights, the data order and the augmentation), then
 evaluates its final checkpoint on the test split: plain, with each clip given another clip's audio
-(the audio-use check) and with pink noise mixed in at each SNR (the paper's Fig. 7). A finished run
-(its test noise report exists) is not redone; an interrupted one resumes from its checkpoint.
+(the audio-use check), with pink noise mixed in at each SNR (the paper's Fig. 7) and with negative
+audio (silence, noise, off-screen: the FPR; docs/DESIGN.md §5.1). ``--negative_fraction`` trains
+every run with that fraction of negative clips (use another ``--out``). A finished run (its test
+negative-audio report exists) is not redone; an interrupted one resumes from its checkpoint.
 
 Writes under DIR: ``runs/<variant>/seed<k>/`` (each run's workdir and reports), ``results.json``
 (every run's numbers), ``results.md`` (mean ± std over seeds per variant, then the per-seed values)
@@ -28,8 +30,9 @@ import ml_collections
 
 from qdformer_jax import console
 from qdformer_jax import workdir as workdir_lib
+from qdformer_jax.evaluation import evals
 from qdformer_jax.evaluation import reports as reports_lib
-from qdformer_jax.training import train
+from qdformer_jax.training import eval_mode, train
 
 # The paper's Table 2 rows as switches of the model (row 2, time-domain separation with an
 # off-the-shelf model, has no counterpart here), then the recipe choices: from the recipe of
@@ -122,7 +125,7 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   config = run_config(base, variant, seed, steps, data_dir)
   reports = workdir_lib.reports_dir(workdir)
   total = int(config.total_steps)
-  done = reports_lib.report_path(workdir, 'noise', test_split, total)
+  done = reports_lib.report_path(workdir, evals.kind_module('negative_audio').REPORT_PREFIX, test_split, total)
   t0 = time.time()
   if not os.path.exists(done):
     logging.info('run %s seed %d -> %s', variant, seed, workdir)
@@ -134,16 +137,17 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
       eval_config.evals = ml_collections.ConfigDict({
           'test': {'kind': 'segmentation', 'split': '', 'every': 0},
           'audio_use': {'kind': 'audio_use', 'split': '', 'every': 0},
-          'noise': {'kind': 'noise', 'split': '', 'every': 0}})
-    train.evaluate_checkpoint(eval_config, workdir)
+          'noise': {'kind': 'noise', 'split': '', 'every': 0},
+          'negative_audio': {'kind': 'negative_audio', 'split': '', 'every': 0}})
+    eval_mode.evaluate_checkpoint(eval_config, workdir)
   seconds = time.time() - t0
 
   def report(kind, split, step):
-    with open(reports_lib.report_path(workdir, kind, split, step)) as f:
+    with open(reports_lib.report_path(workdir, evals.kind_module(kind).REPORT_PREFIX, split, step)) as f:
       return json.load(f)
 
   curve = {}
-  prefix = reports_lib.report_stem('segmentation', config.data.eval_split, '')
+  prefix = reports_lib.report_stem(reports_lib.SEGMENTATION_PREFIX, config.data.eval_split, '')
   for name in sorted(os.listdir(reports)):
     if name.startswith(prefix) and name[len(prefix):-5].isdigit():
       curve[int(name[len(prefix):-5])] = report('segmentation', config.data.eval_split,
@@ -151,6 +155,7 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   noise = report('noise', test_split, total)
   audio_use = report('audio_use', test_split, total)['metrics']
   test = report('segmentation', test_split, total)['metrics']
+  negative = report('negative_audio', test_split, total)
   metric = config.best_metric
   log = reports_lib.read_train_log(workdir)
   restarts = [row['codebook_restarts'] for row in log.values() if 'codebook_restarts' in row]
@@ -164,8 +169,15 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
       'restarts_per_100': 100.0 * statistics.fmean(restarts) if restarts else None,
       'noise': {row['snr_db'] if isinstance(row['snr_db'], str) else f"{row['snr_db']:g}": row.get(metric)
                 for row in noise['table']},
+      'negative_audio': {**{f'fpr_{k}': v['fpr'] for k, v in negative['scenarios'].items()},
+                         'G-mIoU': negative.get('G-mIoU'), 'G-F': negative.get('G-F')},
+      'negative_fraction': float(config.data.negative_fraction),
       'seconds_this_invocation': round(seconds, 1),
   }
+
+
+NEGATIVE_COLUMNS = (('fpr_silence', 'FPR silence'), ('fpr_noise', 'FPR noise'), ('fpr_offscreen', 'FPR off-screen'),
+                    ('G-mIoU', 'G-mIoU'), ('G-F', 'G-F'))
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -186,6 +198,8 @@ def summarize(results: list[dict], variants, snrs) -> dict:
     for key, _ in DIAGNOSTICS:
       entry[key] = _mean_std([r.get('bottleneck', {}).get(key) for r in runs])
     entry['noise'] = {s: _mean_std([r['noise'].get(s) for r in runs]) for s in ['clean'] + [f'{x:g}' for x in snrs]}
+    entry['negative_audio'] = {key: _mean_std([r.get('negative_audio', {}).get(key) for r in runs])
+                               for key, _ in NEGATIVE_COLUMNS}
     summary[v] = entry
   return summary
 
@@ -210,6 +224,12 @@ def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
     s = summary[v]
     lines.append(f'| {v} | ' + ' | '.join(fmt2(s[key]) for key, _ in DIAGNOSTICS)
                  + f' | {fmt2(s["restarts_per_100"])} |')
+  lines += ['', 'Negative audio (test split; docs/DESIGN.md §5.1): the FPR with silence, noise and off-screen audio '
+            '(every predicted pixel is false: nothing visible sounds), and the harmonic means G-mIoU, G-F.', '',
+            '| variant | ' + ' | '.join(label for _, label in NEGATIVE_COLUMNS) + ' |',
+            '|---' * (1 + len(NEGATIVE_COLUMNS)) + '|']
+  for v in variants:
+    lines.append(f'| {v} | ' + ' | '.join(fmt(summary[v]['negative_audio'][key]) for key, _ in NEGATIVE_COLUMNS) + ' |')
   lines += ['', f'Per seed (test {metric}):', '', '| variant | ' + ' | '.join(
       f'seed {r["seed"]}' for r in results if r['variant'] == variants[0]) + ' |',
       '|---' * (1 + sum(r['variant'] == variants[0] for r in results)) + '|']
@@ -251,6 +271,9 @@ def main(argv=None) -> int:
   parser.add_argument('--steps', type=int, default=0, help='steps per run (0: the config\'s total_steps)')
   parser.add_argument('--snrs', default='20,10,0,-10')
   parser.add_argument('--test_split', default='test')
+  parser.add_argument('--negative_fraction', type=float, default=None,
+                      help="train every run with this fraction of negative clips (data.negative_fraction; "
+                           "default: the config's)")
   parser.add_argument('--data_dir', default='', help='TFDS dir shared by all runs (default OUT/tfds)')
   parser.add_argument('--verbosity', type=int, default=0)
   parser.add_argument('--debug', action='store_true')
@@ -265,6 +288,8 @@ def main(argv=None) -> int:
     snrs = [float(s) for s in args.snrs.split(',') if s]
     os.makedirs(args.out, exist_ok=True)
     base = load_config(args.config)
+    if args.negative_fraction is not None:
+      base.data.negative_fraction = args.negative_fraction
     data_dir = args.data_dir or os.path.join(args.out, 'tfds')
     results = []
     for variant in variants:
@@ -277,7 +302,8 @@ def main(argv=None) -> int:
     steps = results[0]['steps']
     header = (f'# Ablation on {args.config}: {steps} steps per run, seeds {seeds}\n\n'
               f'Command: python -m qdformer_jax.experiments.ablation --out {args.out} --config {args.config} '
-              f'--variants {",".join(variants)} --seeds {args.seeds} --steps {args.steps} --snrs {args.snrs}')
+              f'--variants {",".join(variants)} --seeds {args.seeds} --steps {args.steps} --snrs {args.snrs}'
+              + (f' --negative_fraction {args.negative_fraction:g}' if args.negative_fraction is not None else ''))
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
       json.dump({'command': sys.argv, 'runs': results, 'summary': summary}, f, indent=2)
     table = markdown(results, summary, variants, snrs, metric, header)

@@ -156,6 +156,53 @@ def shape_differences(stored: dict, requested: dict) -> list[str]:
   return lines
 
 
+def parse_checkpoint_choice(value) -> tuple[str, int | None]:
+  """``config.eval.checkpoint`` -> ('latest' | 'best', None) or ('latest', step)."""
+  text = str(value).strip().lower()
+  if text in ('latest', 'best'):
+    return text, None
+  if text.isdigit():
+    return 'latest', int(text)
+  raise ValueError(f"config.eval.checkpoint must be 'latest', 'best' or a step number (e.g. 1200), got {value!r}")
+
+
+# -- the model alone: eval mode, inference and the notebook read checkpoints through this ----------
+
+MODEL_KEY = '0'  # the model's key in the saved pure dict of nnx.state((model, optimizer))
+
+
+def restore_model(state_dir, abstract_model_state: nnx.State) -> nnx.State:
+  """The model part of a checkpoint step's ``state`` item, restored onto the shardings of
+  ``abstract_model_state`` (the abstract ``nnx.state(model)``, e.g. one device, or a mesh).
+
+  The item is the pure dict of ``nnx.state((model, optimizer))``, the model under key ``'0'``; that
+  subtree alone is read with Orbax's partial restore, so the optimizer moments are neither read nor
+  described (they depend on the optimizer code and config of the run, and are about three times the
+  bytes). A model-only item (no ``'0'``) restores too. Shapes and dtypes are checked against the
+  checkpoint's metadata first: a config that does not describe the checkpoint fails naming the
+  parameters that differ."""
+  target = abstract_saveable(abstract_model_state)
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    saved = checkpointer.metadata(state_dir)
+    saved = getattr(saved, 'item_metadata', saved)  # StepMetadata -> TreeMetadata -> nested dict
+    saved = getattr(saved, 'tree', saved)
+    if isinstance(saved.get(MODEL_KEY), dict):
+      item, saved_model = {MODEL_KEY: target}, saved[MODEL_KEY]
+    else:
+      item, saved_model = target, saved
+    differences = shape_differences(shapes_of(saved_model), shapes_of(target))
+    if differences:
+      shown = '; '.join(differences[:8]) + (f'; ... ({len(differences)} in all)' if len(differences) > 8 else '')
+      raise ValueError(f'the checkpoint {state_dir} does not hold the model this config describes: {shown}. '
+                       'Pass the config the run was trained with.')
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  finally:
+    checkpointer.close()
+  return from_saveable(abstract_model_state, restored[MODEL_KEY] if MODEL_KEY in item else restored)
+
+
 def _all_processes_ok(ok: bool) -> bool:
   """Whether ``ok`` holds on every process (one small collective when there are several)."""
   if jax.process_count() == 1:
