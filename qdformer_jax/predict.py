@@ -5,7 +5,8 @@
   python -m qdformer_jax.predict --workdir /tmp/qdf --frames_dir frames/ --audio clip.wav --out OUT
 
 Options: ``--which best|latest`` (default: best if the workdir has one, else latest), ``--threshold``
-(0.5), ``--fps`` (frames sampled per second, 1 as AVSBench), ``--pad_short`` (accept a video shorter
+(0.5), ``--min_score`` (0: keep every mask; else a class's mask in a frame whose mean score is below
+it is dropped, binary: the frame's foreground), ``--fps`` (frames sampled per second, 1 as AVSBench), ``--pad_short`` (accept a video shorter
 than one window), ``--no_progress``, ``--debug`` (tracebacks of input errors), ``--verbosity N``.
 
 The video is read as the datasets are sampled (:mod:`qdformer_jax.data.video`): one frame per
@@ -15,7 +16,10 @@ seconds); a shorter tail is padded by repeating its last frame, the padding mark
 (``frame_valid``) so that it takes no part in the prediction and is dropped from the outputs. Each
 window is segmented by ``Predictor.predict`` with its T seconds of waveform at the soundtrack's own
 rate. The soundtrack is the video's unless ``--audio`` names another file (needed for a folder of
-frames); a video without sound, or with a silent one, is an error.
+frames). A video without a soundtrack, or with a silent one, is segmented with silence (one warning
+line says so): a model that listens then finds nothing sounding. Every window says whether anything
+was judged to be sounding in it (a mask left after ``--min_score``), in ``predictions.json`` and in
+the closing lines.
 
 Outputs, in ``--out``:
 
@@ -31,8 +35,8 @@ Outputs, in ``--out``:
                            pixel count, pixel fraction and mean score (binary configs: foreground
                            pixels, fraction and mean probability over the foreground)
 
-Errors a user can cause (missing or unreadable file, no video stream, no or silent soundtrack, a
-video shorter than one window, a workdir without a checkpoint) print one line and exit with code 2.
+Errors a user can cause (missing or unreadable file, no video stream, a folder of frames without
+``--audio``, a video shorter than one window, a workdir without a checkpoint) print one line and exit with code 2.
 
 This module is an entry point: nothing in the package imports it.
 """
@@ -88,7 +92,8 @@ def read_inputs(video=None, *, frames_dir=None, audio=None, sample_rate: float |
     fps: frames sampled per second.
 
   Raises FileNotFoundError / ValueError (one line naming the file and the fix) for a missing or
-  unreadable file, no video stream, or no or a silent soundtrack.
+  unreadable file or no video stream. A video without a soundtrack, or a silent soundtrack or audio,
+  is segmented with silence (a warning line says so).
   """
   if (video is None) == (frames_dir is None):
     raise ValueError('pass a video (--video FILE) or a folder of frames (--frames_dir DIR), not both')
@@ -104,22 +109,27 @@ def read_inputs(video=None, *, frames_dir=None, audio=None, sample_rate: float |
 
   if own_audio:
     if clip.audio is None or clip.audio.size == 0:
-      raise ValueError(f'{clip.source}: has no soundtrack (no decodable audio stream); the model needs '
-                       'the sound: pass it with --audio FILE (a WAV or any audio file)')
-    if not clip.has_sound:
-      raise ValueError(f'{clip.source}: its soundtrack is silent (all samples are zero); the model needs '
-                       'the sound: pass it with --audio FILE (a WAV or any audio file)')
-    waveform, rate, source = clip.audio, int(clip.sample_rate), f'{clip.source} (its soundtrack)'
+      logging.warning('%s has no soundtrack: segmenting it with silence (a model that listens finds nothing '
+                      'sounding; pass --audio FILE to give it a sound)', clip.source)
+      rate = 16000
+      waveform = np.zeros(int(np.ceil(clip.duration * rate)) + rate, np.float32)
+      source = f'{clip.source} (no soundtrack: silence)'
+    else:
+      waveform, rate, source = clip.audio, int(clip.sample_rate), f'{clip.source} (its soundtrack)'
+      if not clip.has_sound:
+        logging.warning('%s: its soundtrack is silent (all samples are zero): a model that listens finds nothing '
+                        'sounding', clip.source)
+        source = f'{clip.source} (its soundtrack, silent)'
   elif isinstance(audio, (str, os.PathLike)):
-    waveform, rate = video_lib.read_soundtrack(audio)
+    waveform, rate = video_lib.read_soundtrack(audio, allow_silent=True)
     source = str(audio)
+    if not np.any(waveform):
+      logging.warning('%s is silent (all samples are zero): a model that listens finds nothing sounding', audio)
   else:
     if sample_rate is None or not sample_rate > 0:
       raise ValueError('a waveform audio needs its sample_rate (Hz)')
     from qdformer_jax.data import audio as audio_lib
     waveform, rate, source = audio_lib.to_mono_float(np.asarray(audio)), sample_rate, 'waveform'
-    if not np.any(waveform):
-      raise ValueError('the audio waveform is silent (all samples are zero); pass the soundtrack')
   return Inputs(video=clip, waveform=np.asarray(waveform, np.float32), sample_rate=rate, audio_source=source)
 
 
@@ -182,6 +192,24 @@ def _frame_stats(labels, scores, names, binary: bool) -> dict:
   return {'classes': classes}
 
 
+def suppress_weak(labels: np.ndarray, scores: np.ndarray, min_score: float, binary: bool) -> np.ndarray:
+  """One frame's labels without its weak masks: (semantic) each class whose mean score over its pixels
+  is below ``min_score`` becomes background; (binary) the whole foreground when its mean probability
+  is below it."""
+  if min_score <= 0.0:
+    return labels
+  out = labels.copy()
+  if binary:
+    fg = labels > 0
+    if fg.any() and float(scores[fg].mean()) < min_score:
+      out[fg] = 0
+    return out
+  for c in np.unique(labels):
+    if c > 0 and float(scores[labels == c].mean()) < min_score:
+      out[labels == c] = 0
+  return out
+
+
 def workdir_of(checkpoint_dir) -> str | None:
   """The workdir of a checkpoint step directory ``<workdir>/checkpoints/<step>`` (local or gs://)."""
   if not checkpoint_dir:
@@ -198,8 +226,9 @@ def _clear(directory: Path) -> None:
 
 
 def segment_video(predictor, video, out_dir, *, audio=None, sample_rate: float | None = None,
-                  fps: float = DATASET_FPS, threshold: float = 0.5, pad_short: bool = False,
-                  progress: bool = True, write_mp4: bool = True, run: dict | None = None) -> dict:
+                  fps: float = DATASET_FPS, threshold: float = 0.5, min_score: float = 0.0,
+                  pad_short: bool = False, progress: bool = True, write_mp4: bool = True,
+                  run: dict | None = None) -> dict:
   """Segments a whole video window by window and writes the outputs of the module docstring.
 
   Args:
@@ -210,6 +239,7 @@ def segment_video(predictor, video, out_dir, *, audio=None, sample_rate: float |
     audio: None (the video's soundtrack), an audio file, or a waveform with ``sample_rate``.
     fps: frames sampled per second (1: as the model was trained).
     threshold: the score (binary: probability) a pixel needs to be foreground.
+    min_score: a mask whose mean score is below it is dropped (:func:`suppress_weak`); 0 keeps all.
     pad_short: accept a video shorter than one window (padded like a tail; otherwise ValueError).
     progress: show a progress bar over the windows.
     write_mp4: also write ``overlay.mp4``.
@@ -227,6 +257,8 @@ def segment_video(predictor, video, out_dir, *, audio=None, sample_rate: float |
     inputs = read_inputs(video, audio=audio, sample_rate=sample_rate, fps=fps)
   if not 0.0 < float(threshold) < 1.0:
     raise ValueError(f'threshold must be between 0 and 1, got {threshold}')
+  if not 0.0 <= float(min_score) < 1.0:
+    raise ValueError(f'min_score must be in [0, 1), got {min_score}')
   clip, waveform, rate = inputs.video, inputs.waveform, inputs.sample_rate
   length, n = predictor.num_frames, clip.num_frames
   if n < length and not pad_short:
@@ -260,6 +292,8 @@ def segment_video(predictor, video, out_dir, *, audio=None, sample_rate: float |
       window_labels, window_scores = result['mask'][0].astype(np.int32), result['probability'][0]
     else:
       window_labels, window_scores = result['labels'][0], result['scores'][0]
+    window_labels = np.stack([suppress_weak(window_labels[t], window_scores[t], float(min_score), binary)
+                              for t in range(window_labels.shape[0])])
     for t in range(window.num_real):
       k = window.start + t
       labels[k] = window_labels[t]
@@ -274,9 +308,11 @@ def segment_video(predictor, video, out_dir, *, audio=None, sample_rate: float |
       frames_info.append({'index': k, 'time': round(time, 4), 'window': window.index,
                           'overlay': f'{OVERLAYS_DIR}/{name}', 'mask': f'{MASKS_DIR}/{name}',
                           **_frame_stats(window_labels[t], window_scores[t], names, binary)})
+    sounding_frames = int(np.sum(np.any(window_labels[:window.num_real] > 0, axis=(1, 2))))
     windows_info.append({'index': window.index, 'start_time': round(window.start_time, 4),
                          'first_frame': window.start, 'real_frames': window.num_real,
-                         'padded_frames': length - window.num_real})
+                         'padded_frames': length - window.num_real,
+                         'sounding': sounding_frames > 0, 'frames_with_a_mask': sounding_frames})
 
   video_path = None
   if write_mp4:
@@ -293,7 +329,7 @@ def segment_video(predictor, video, out_dir, *, audio=None, sample_rate: float |
       'workdir': workdir_of(checkpoint_dir), 'checkpoint_dir': checkpoint_dir, 'checkpoint_step': predictor.step,
       'config_name': predictor.config.get('name'), 'dataset': predictor.config.data.name,
       'builder_config': predictor.config.data.get('builder_config'), 'binary': binary,
-      'threshold': float(threshold), 'window_frames': length, 'fps': clip.fps,
+      'threshold': float(threshold), 'min_score': float(min_score), 'window_frames': length, 'fps': clip.fps,
       'image_size': predictor.image_size,
   }
   facts.update(run or {})
@@ -330,6 +366,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--which', choices=('best', 'latest'), default=None,
                  help='the checkpoint: best by the config metric, or latest (default: best if any)')
   p.add_argument('--threshold', type=float, default=0.5, help='foreground score threshold (default 0.5)')
+  p.add_argument('--min_score', type=float, default=0.0,
+                 help='drop a mask whose mean score is below this (default 0: keep every mask)')
   p.add_argument('--fps', type=float, default=DATASET_FPS,
                  help='frames sampled per second (default 1, as the datasets the models train on)')
   p.add_argument('--pad_short', action='store_true',
@@ -352,6 +390,8 @@ def main(argv=None) -> int:
   with console.user_errors(args.debug):
     if not 0.0 < args.threshold < 1.0:
       raise ValueError(f'--threshold must be between 0 and 1, got {args.threshold}')
+    if not 0.0 <= args.min_score < 1.0:
+      raise ValueError(f'--min_score must be in [0, 1), got {args.min_score}')
     if not (args.fps > 0 and np.isfinite(args.fps)):
       raise ValueError(f'--fps must be a positive number, got {args.fps}')
     # The inputs first: their errors come before the model is restored.
@@ -361,12 +401,16 @@ def main(argv=None) -> int:
     from qdformer_jax import inference
     predictor = inference.load(args.workdir, which=args.which)
     logging.info('%r', predictor)
-    report = segment_video(predictor, inputs, args.out, threshold=args.threshold, pad_short=args.pad_short,
-                           progress=not args.no_progress, run={'which': args.which})
+    report = segment_video(predictor, inputs, args.out, threshold=args.threshold, min_score=args.min_score,
+                           pad_short=args.pad_short, progress=not args.no_progress, run={'which': args.which})
   out = os.path.abspath(args.out)
   seen = ', '.join(f'{e["name"]} ({e["frames"]} frames)' for e in report['summary']) or 'no sounding object'
   print(f'segmented {report["input"]["sampled_frames"]} frames in {len(report["windows"])} windows '
         f'with {report["run"]["config_name"]} step {report["run"]["checkpoint_step"]}: {seen}')
+  for w in report['windows']:
+    verdict = (f'sounding in {w["frames_with_a_mask"]} of {w["real_frames"]} frames' if w['sounding']
+               else 'nothing sounding')
+    print(f'  window {w["index"]} ({w["start_time"]:g} s): {verdict}')
   print(f'outputs in {out}:')
   print(f'  {os.path.join(out, PREDICTIONS_FILE)}')
   if report['outputs']['video']:

@@ -166,6 +166,10 @@ def test_cli_writes_overlays_and_video(cli_run, expected):
 def test_cli_prints_where_the_outputs_are(cli_run):
   out, _, stdout = cli_run
   assert 'segmented 7 frames in 2 windows' in stdout
+  report = json.load(open(out / predict.PREDICTIONS_FILE))
+  for w in report['windows']:  # every window says whether anything was judged to be sounding
+    assert w['sounding'] == (w['frames_with_a_mask'] > 0)
+    assert f'window {w["index"]} ({w["start_time"]:g} s): ' in stdout
   for name in (predict.PREDICTIONS_FILE, predict.VIDEO_FILE, predict.OVERLAYS_DIR, predict.MASKS_DIR):
     assert os.path.join(str(out), name) in stdout
 
@@ -180,7 +184,8 @@ def test_short_video_with_pad_short(predictor, inputs, tmp_path):
                            sample_rate=clip.sample_rate, frame_valid=window.frame_valid)['labels'][0, :3]
   np.testing.assert_array_equal(report['labels'], want)
   assert report['windows'] == [{'index': 0, 'start_time': 0.0, 'first_frame': 0, 'real_frames': 3,
-                                'padded_frames': 2}]
+                                'padded_frames': 2, 'sounding': bool(want.any()),
+                                'frames_with_a_mask': int(np.sum(np.any(want > 0, axis=(1, 2))))}]
   assert video.read_video(tmp_path / predict.VIDEO_FILE).num_frames == 3
 
 
@@ -204,13 +209,12 @@ BAD_INPUTS = {  # name: (arguments, substrings of the error line)
     'unreadable': (['--video', '{garbage}'], ['garbage.mp4', 'not a readable media file']),
     'missing': (['--video', '{dir}/nowhere.mp4'], ['nowhere.mp4', 'no such file']),
     'no_video_stream': (['--video', '{audio_only}'], ['audio_only.m4a', 'has no video stream']),
-    'no_audio': (['--video', '{no_audio}'], ['no_audio.mp4', 'has no soundtrack', '--audio']),
-    'silent': (['--video', '{silent}'], ['silent.mp4', 'soundtrack is silent', '--audio']),
     'frames_without_audio': (['--frames_dir', '{dir}'], ['a folder of frames has no sound', '--audio']),
     'missing_audio': (['--video', '{clip}', '--audio', '{dir}/nowhere.wav'], ['nowhere.wav', 'no such file']),
     'short': (['--video', '{short}'], ['short.mp4', 'lasts 3.00 s', 'window of 5 frames (5 s)', '--pad_short']),
     'no_checkpoint': (['--video', '{clip}', '--workdir', '{empty_workdir}'], ['no checkpoints in', 'empty_workdir']),
     'threshold': (['--video', '{clip}', '--threshold', '1.5'], ['--threshold must be between 0 and 1']),
+    'min_score': (['--video', '{clip}', '--min_score', '1'], ['--min_score must be in [0, 1)']),
 }
 
 
@@ -244,3 +248,51 @@ def test_frame_stats_binary_and_semantic():
   assert predict.workdir_of('/w/checkpoints/6') == '/w'
   assert predict.workdir_of('gs://b/run/checkpoints/6/') == 'gs://b/run'
   assert predict.workdir_of('/elsewhere/6') is None
+
+
+@pytest.mark.parametrize('case', ['silent', 'no_audio'])
+def test_a_silent_or_soundless_video_is_segmented_with_silence(case, trained_workdir, inputs, predictor, tmp_path,
+                                                               capfd):
+  """A user's own video may be silent: it is segmented with silence (one warning line), and each
+  window says whether anything was judged to be sounding, as the model's own silence prediction."""
+  out = tmp_path / 'out'
+  assert predict.main(['--workdir', trained_workdir, '--video', inputs[case], '--out', str(out), '--no_progress']) == 0
+  printed = capfd.readouterr()
+  report = json.load(open(out / predict.PREDICTIONS_FILE))
+  assert report['input']['audio'].endswith({'silent': '(its soundtrack, silent)',
+                                            'no_audio': '(no soundtrack: silence)'}[case])
+  clip = video.read_video(inputs[case], audio='none')
+  for w in report['windows']:
+    window = video.windows(clip.num_frames, predictor.num_frames, fps=1.0)[w['index']]
+    silence = np.zeros(predictor.num_frames * SR, np.float32)
+    labels = predictor.predict(window.take(clip.frames), silence, sample_rate=SR,
+                               frame_valid=window.frame_valid)['labels'][0, :window.num_real]
+    assert w['frames_with_a_mask'] == int(np.sum(np.any(labels > 0, axis=(1, 2))))
+  for w in report['windows']:
+    assert f'window {w["index"]} ({w["start_time"]:g} s): ' in printed.out
+
+
+def test_min_score_suppresses_weak_masks(predictor, inputs, expected, tmp_path):
+  clip, labels, scores = expected
+  kept = predict.segment_video(predictor, inputs['clip'], tmp_path / 'a', progress=False, write_mp4=False,
+                               min_score=0.0)
+  np.testing.assert_array_equal(kept['labels'], labels)
+  # A bar above every class's mean score: nothing is left, every window is "nothing sounding".
+  none = predict.segment_video(predictor, inputs['clip'], tmp_path / 'b', progress=False, write_mp4=False,
+                               min_score=0.999)
+  assert not none['labels'].any() and not any(w['sounding'] for w in none['windows'])
+  assert none['run']['min_score'] == 0.999
+  frame_labels = np.array([[0, 1, 1], [2, 2, 0]])
+  frame_scores = np.array([[0.9, 0.3, 0.5], [0.8, 0.9, 0.1]], np.float32)
+  np.testing.assert_array_equal(predict.suppress_weak(frame_labels, frame_scores, 0.5, binary=False),
+                                [[0, 0, 0], [2, 2, 0]])  # class 1: mean 0.4 < 0.5 dropped; class 2: 0.85 kept
+  np.testing.assert_array_equal(predict.suppress_weak(frame_labels > 0, frame_scores, 0.7, binary=True),
+                                np.zeros((2, 3), bool))  # foreground mean 0.625 < 0.7
+
+
+def test_read_inputs_warns_once_for_a_soundless_video(inputs, caplog):
+  with caplog.at_level('WARNING'):
+    got = predict.read_inputs(inputs['no_audio'])
+  assert not got.waveform.any() and got.waveform.shape[0] >= SECONDS * got.sample_rate
+  lines = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(lines) == 1 and 'no_audio.mp4 has no soundtrack: segmenting it with silence' in lines[0]
