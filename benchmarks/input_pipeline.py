@@ -138,7 +138,7 @@ def time_pipeline(name: str, config: str, data_dir: str, batch: int, seconds: fl
   data_config = ml_collections.ConfigDict({
       'name': name, 'builder_config': config, 'data_dir': data_dir, 'image_size': SIZE,
       'train_split': 'train', 'train_resize': 'short_side_crop', 'hflip': True,
-      'read_threads': 2})
+      'read_threads': 2, 'negative_fraction': 0.0})
   iterator = pipeline.make_train_iterator(data_config, global_batch_size=batch, seed=0)
   first = next(iterator)  # warm-up: threads started, first records read
   assert first['frames'].shape[1:] == (len(first['gt_valid'][0]), SIZE, SIZE, 3)

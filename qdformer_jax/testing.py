@@ -12,17 +12,25 @@ from qdformer_jax.training import state as state_lib
 
 
 def tiny_synthetic_config(data_dir: str, *, image_size: int = 32, num_frames: int = 3,
-                          clips: tuple[int, int, int] = (2, 3, 2), arg: str = 'smoke', **changes):
-  """``configs/synthetic.py:<arg>`` (default ``smoke``) at ``image_size`` px and T = ``num_frames``,
-  with (train, val, test) ``clips`` built under ``data_dir``; ``changes`` set top-level fields."""
+                          clips: tuple[int, int, int] | None = (2, 3, 2), arg: str = 'smoke',
+                          overrides: dict | None = None, **changes):
+  """The one home of the tests' tiny configs: ``configs/synthetic.py:<arg>`` (default ``smoke``) at
+  ``image_size`` px and T = ``num_frames``, with (train, val, test) ``clips`` built under ``data_dir``
+  (None: the config's own counts); ``overrides`` set dotted fields ('model.dec_layers': 1), ``changes``
+  top-level ones."""
   from configs import synthetic
   c = synthetic.get_config(arg)
   c.data.data_dir = data_dir
   c.data.image_size = image_size
   c.data.num_frames = num_frames
-  c.data.synthetic = {'train_clips': clips[0], 'validation_clips': clips[1], 'test_clips': clips[2]}
-  for k, v in changes.items():
-    setattr(c, k, v)
+  if clips is not None:
+    c.data.synthetic = {'train_clips': clips[0], 'validation_clips': clips[1], 'test_clips': clips[2]}
+  for name, value in {**(overrides or {}), **changes}.items():
+    *parents, leaf = name.split('.')
+    node = c
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
   return c
 
 

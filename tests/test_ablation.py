@@ -6,8 +6,11 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from qdformer_jax.experiments import ablation
+
+pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
 
 
 def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):

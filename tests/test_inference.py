@@ -23,8 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from configs import synthetic
-from qdformer_jax import inference, sharding
+from qdformer_jax import inference, sharding, testing
 from qdformer_jax.data import audio as audio_lib
 from qdformer_jax.data import synthetic as synthetic_data
 from qdformer_jax.data import transforms
@@ -37,12 +36,9 @@ SIZE, FRAMES = 32, 3
 
 
 def tiny_config():
-  c = synthetic.get_config('smoke')
-  c.data.data_dir = '/nonexistent/tfds'  # inference never reads the dataset
-  c.data.image_size = SIZE
-  c.data.num_frames = FRAMES
-  c.model.dec_layers = 1
-  return c
+  # Inference never reads the dataset.
+  return testing.tiny_synthetic_config('/nonexistent/tfds', image_size=SIZE, num_frames=FRAMES, clips=None,
+                                       overrides={'model.dec_layers': 1})
 
 
 def fill(abstract_state, seed: int):

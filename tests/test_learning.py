@@ -23,7 +23,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from qdformer_jax.evaluation import reports
+
+pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 400

@@ -34,6 +34,8 @@ import numpy as np
 import pytest
 import worker_processes
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
+
 REPO = worker_processes.REPO
 TIMEOUT_S = 900  # hard cap per worker: a hung worker is killed and the test fails
 REL_TOL = 1e-5

@@ -35,6 +35,8 @@ import numpy as np
 import pytest
 import worker_processes
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
+
 REPO = worker_processes.REPO
 TIMEOUT_S = 900       # hard cap for the two workers
 PEER_GRACE_S = 30     # once one worker failed, the other gets this long before it is killed
@@ -48,24 +50,11 @@ GLOO_UNAVAILABLE = worker_processes.GLOO_UNAVAILABLE
 
 def tiny_config(data_dir: str, **changes):
   """Smoke synthetic config, binary single-source task (its metric sums count frames), 32 px, T = 2."""
-  from configs import synthetic
-  c = synthetic.get_config('smoke,single')
-  c.data.data_dir = data_dir
-  c.data.image_size = 32
-  c.data.num_frames = 2
-  c.data.synthetic = {'train_clips': 8, 'validation_clips': EVAL_CLIPS, 'test_clips': 2}
-  c.model.dec_layers = 1
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.total_steps = 1
-  c.lr_drop_steps = ()
-  c.eval.limit = 0
-  c.mesh_fsdp = NUM_PROCESSES * LOCAL_DEVICES
-  for k, v in changes.items():
-    setattr(c, k, v)
-  return c
-
-
+  from qdformer_jax import testing
+  return testing.tiny_synthetic_config(
+      data_dir, num_frames=2, clips=(8, EVAL_CLIPS, 2), arg='smoke,single',
+      overrides={'model.dec_layers': 1, 'eval.limit': 0, 'batch_size': 8, 'eval_batch_size': 8, 'total_steps': 1,
+                 'lr_drop_steps': (), 'mesh_fsdp': NUM_PROCESSES * LOCAL_DEVICES, **changes})
 
 
 def _free_port() -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / 'notebooks' / 'colab_predict.ipynb'
 CELL_TIMEOUT = 300  # seconds; the whole notebook takes about 30 s here

@@ -176,10 +176,10 @@ def draw_train_negative(record, data_config, source, rng: np.random.Generator) -
   """With probability ``data.negative_fraction``: (kind, donor record or None) of a negative drawn
   from ``data.negative_kinds`` (an off-screen donor is drawn from ``source``: up to 16 tries for a
   compatible one, then the last one drawn); else None."""
-  fraction = float(data_config.get('negative_fraction', 0.0) or 0.0)
+  fraction = float(data_config.negative_fraction)
   if fraction <= 0.0 or rng.random() >= fraction:
     return None
-  kinds = tuple(data_config.get('negative_kinds', KINDS))
+  kinds = tuple(data_config.negative_kinds)
   kind = kinds[int(rng.integers(len(kinds)))]
   donor = None
   if kind == 'offscreen':

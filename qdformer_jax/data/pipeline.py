@@ -67,8 +67,8 @@ def decode_clip(record: dict, data_config, *, train: bool, rng: np.random.Genera
   clip_masks = np.stack([masks[t] for t in valid])
   if train:
     clip, clip_masks = transforms.train_transform(
-        clip, clip_masks, size, rng=rng, mode=data_config.get('train_resize', 'short_side_crop'),
-        hflip=bool(data_config.get('hflip', False)))
+        clip, clip_masks, size, rng=rng, mode=data_config.train_resize,
+        hflip=bool(data_config.hflip))
   else:
     clip, clip_masks = transforms.eval_transform(clip, clip_masks, size)
   out_frames = np.zeros((num_frames, size, size, 3), np.uint8)
@@ -158,7 +158,7 @@ def item_index(record) -> int:
 
 
 def _read_options(data_config):
-  return grain.ReadOptions(num_threads=int(data_config.get('read_threads', 2)), prefetch_buffer_size=8)
+  return grain.ReadOptions(num_threads=int(data_config.read_threads), prefetch_buffer_size=8)
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
@@ -169,7 +169,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, proce
     raise ValueError(f'batch_size {global_batch_size} does not divide over {process_count} processes')
   source = registry.open_source(data_config, split or data_config.train_split)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  with_negatives = float(data_config.get('negative_fraction', 0.0) or 0.0) > 0.0
+  with_negatives = float(data_config.negative_fraction) > 0.0
   ds = ds.random_map(_DecodeTrain(data_config, source if with_negatives else None))  # lazy: a process decodes only the clips it takes
   # Global batch k is per-process batch k * process_count + p of every process p, in process order.
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)[process_index::process_count]

@@ -95,7 +95,7 @@ def due(entry, step: int, total_steps: int) -> bool:
 
 def parse_threshold(config):
   """``config.eval.threshold`` -> a float, or 'val' (pick it on the validation split)."""
-  value = str(config.eval.get('threshold', '0.5')).strip()
+  value = str(config.eval.threshold).strip()
   if value == 'val':
     if not config.eval.get('thresholds'):
       raise ValueError("config.eval.threshold='val' picks among config.eval.thresholds, which is empty; "

@@ -59,7 +59,7 @@ class Evaluator:
     self.size = int(config.data.image_size)
     self.group = int(config.eval.official_batch_clips) * int(config.data.num_frames)
     # Post-processing thresholds scored in the same pass as the main one (metric sums per threshold).
-    self.sweep = tuple(float(t) for t in config.eval.get('thresholds', ()) or ())
+    self.sweep = tuple(float(t) for t in config.eval.thresholds or ())
     self._steps = {}
     self._sums_template = None
 

@@ -30,8 +30,8 @@ def resolve_warmup(config, total_steps: int):
   when a fraction is given and no step count (the continuous warm-up of docs/DESIGN.md §1.6, as a
   share of training whatever its length); ``config`` itself otherwise. Used to initialise the state
   only: the length is then model state, restored with every checkpoint."""
-  fraction = float(config.model.get('vq_warmup_fraction', 0.0) or 0.0)
-  if fraction <= 0 or int(config.model.get('vq_warmup_steps', 0) or 0) > 0:
+  fraction = float(config.model.vq_warmup_fraction or 0.0)
+  if fraction <= 0 or int(config.model.vq_warmup_steps or 0) > 0:
     return config
   resolved = config.copy_and_resolve_references()
   with resolved.unlocked():
