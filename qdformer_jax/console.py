@@ -21,11 +21,34 @@ _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-class _OwnRecordsOnly(logging.Filter):
-  """Passes this project's records, and other packages' at ERROR and above."""
+class OwnRecordsOnly(logging.Filter):
+  """Passes this project's records, and other packages' at ``foreign_level`` and above (None: none of
+  theirs; e.g. while a checkpoint restore is attempted, whose failure the caller reports in one line)."""
+
+  def __init__(self, foreign_level: int | None = logging.ERROR):
+    super().__init__()
+    self.foreign_level = foreign_level
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or os.path.abspath(record.pathname).startswith(_OURS)
+    if self.foreign_level is not None and record.levelno >= self.foreign_level:
+      return True
+    return os.path.abspath(record.pathname).startswith(_OURS)
+
+
+class _AbandonedFutures(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records: the futures of a failed checkpoint read
+  or write, reported when they are collected (possibly at exit) after the failure itself was
+  reported in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'exception was never retrieved' not in record.getMessage()
+
+
+def drop_abandoned_future_logs() -> None:
+  """Installs :class:`_AbandonedFutures` on asyncio's logger (once)."""
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedFutures) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedFutures())
 
 
 class _Short(logging.Formatter):
@@ -49,11 +72,11 @@ def setup(verbosity: int = 0) -> None:
       root.removeHandler(other)
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
   for f in list(handler.filters):
-    if isinstance(f, _OwnRecordsOnly):
+    if isinstance(f, OwnRecordsOnly):
       handler.removeFilter(f)
   if verbosity >= 1:
     return
-  handler.addFilter(_OwnRecordsOnly())
+  handler.addFilter(OwnRecordsOnly())
   handler.setFormatter(_Short())
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')

@@ -41,6 +41,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from qdformer_jax import console
 from qdformer_jax import workdir as workdir_lib
 
 
@@ -401,16 +402,6 @@ def _float_metrics(metrics: dict | None) -> dict | None:
   return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class _OwnRecordsOnly(logging.Filter):
-  """Passes the log records of this project's code only."""
-
-  ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    path = os.path.abspath(record.pathname)
-    return path.startswith(os.path.join(self.ROOT, 'qdformer_jax')) or path.endswith('main.py')
-
-
 class _quiet_third_party:  # noqa: N801  (a context manager used as a statement)
   """At verbosity < 1, holds back other packages' log records (asyncio, Orbax, tensorstore) while a
   restore is attempted: a failure is reported by the caller in one line."""
@@ -418,7 +409,7 @@ class _quiet_third_party:  # noqa: N801  (a context manager used as a statement)
   def __enter__(self):
     self.handlers = []
     if absl_logging.get_verbosity() < 1:
-      self.filter = _OwnRecordsOnly()
+      self.filter = console.OwnRecordsOnly(foreign_level=None)
       self.handlers = list(logging.getLogger().handlers)
       for h in self.handlers:
         h.addFilter(self.filter)
@@ -475,17 +466,6 @@ class _stderr_held_back:  # noqa: N801  (a context manager used as a statement)
     return False
 
 
-class _AbandonedFutures(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" records (the reads a failed restore abandoned,
-  reported when they are collected, possibly at exit); the failure itself was reported in one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'exception was never retrieved' not in record.getMessage()
-
-
 def _drop_abandoned_future_logs() -> None:
-  if absl_logging.get_verbosity() >= 1:
-    return
-  asyncio_logger = logging.getLogger('asyncio')
-  if not any(isinstance(f, _AbandonedFutures) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_AbandonedFutures())
+  if absl_logging.get_verbosity() < 1:  # at verbosity >= 1 every record is shown
+    console.drop_abandoned_future_logs()

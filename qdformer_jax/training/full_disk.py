@@ -24,6 +24,8 @@ import threading
 
 from absl import logging as absl_logging
 
+from qdformer_jax import console
+
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28|122)\]|os_error_code='?(28|122)\b")
 PARTIAL = '.orbax-checkpoint-tmp'
@@ -231,7 +233,7 @@ class quiet_writes:  # noqa: N801  (a context manager used as a statement)
     for handler, f in self.filters:
       handler.removeFilter(f)
     if exc is not None and is_full(exc):
-      _drop_abandoned_future_logs()  # collected later, possibly at exit
+      console.drop_abandoned_future_logs()  # collected later, possibly at exit
       _drop_full_disk_unraisables()
     else:
       for handler, f in self.filters:
@@ -255,12 +257,4 @@ def _drop_full_disk_unraisables() -> None:
   sys.unraisablehook = hook
 
 
-class _AbandonedFutures(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'exception was never retrieved' not in record.getMessage()
 
-
-def _drop_abandoned_future_logs() -> None:
-  asyncio_logger = logging.getLogger('asyncio')
-  if not any(isinstance(f, _AbandonedFutures) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_AbandonedFutures())
