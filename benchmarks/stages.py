@@ -317,17 +317,22 @@ def build_inputs(config, batch_size: int, t: int, size: int, num_classes: int):
   return graphdef, state, batch, model_graphdef, model_state, trained
 
 
-def compare_stage(args, word: str, t: int, size: int, num_classes: int) -> dict:
-  """The one stage that config word ``word`` changes (backbone, or audio for 'ast'), measured like the
-  main run's stages on a model built from ``args.config`` + ``word``."""
-  spec = args.config + (',' if ':' in args.config else ':') + word
-  config = load_config(spec)
+def apply_overrides(config, args) -> None:
+  """The command line's --frames, --dtype and --remat on ``config``."""
   if args.frames:
     config.data.num_frames = args.frames
   if args.dtype:
     config.model.dtype = config.model.backbone.dtype = args.dtype
   if args.remat:
     config.model.remat = args.remat
+
+
+def compare_stage(args, word: str, t: int, size: int, num_classes: int) -> dict:
+  """The one stage that config word ``word`` changes (backbone, or audio for 'ast'), measured like the
+  main run's stages on a model built from ``args.config`` + ``word``."""
+  spec = args.config + (',' if ':' in args.config else ':') + word
+  config = load_config(spec)
+  apply_overrides(config, args)
   name = 'audio' if word == 'ast' else 'backbone'
   graphdef, state, batch, model_graphdef, model_state, trained = build_inputs(config, args.batch, t, size,
                                                                               num_classes)
@@ -371,12 +376,7 @@ def main(argv=None) -> dict:
       with open(args.out, 'w') as f:
         json.dump(results, f, indent=1, default=float)
     return results
-  if args.frames:
-    config.data.num_frames = args.frames
-  if args.dtype:
-    config.model.dtype = config.model.backbone.dtype = args.dtype
-  if args.remat:
-    config.model.remat = args.remat
+  apply_overrides(config, args)
   t, size, num_classes = int(config.data.num_frames), int(config.data.image_size), int(config.data.num_classes)
   print(f'{args.config}: batch {args.batch}, T={t}, {size}x{size}, dtype {config.model.dtype}, remat '
         f'{config.model.remat} ({jax.default_backend()}, 1-min load {os.getloadavg()[0]:.1f})', flush=True)

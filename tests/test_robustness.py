@@ -37,7 +37,7 @@ REPO = worker_processes.REPO
 CONFIG = 'configs/synthetic.py:smoke'
 TOTAL = 8
 # The tiny run: every field also given on the command line, so in-process and main.py runs are equal.
-OVERRIDES = {'model.dec_layers': 1, 'total_steps': TOTAL,
+OVERRIDES = {'data.image_size': 32, 'data.num_frames': 2, 'model.dec_layers': 1, 'total_steps': TOTAL,
              'lr_drop_steps': (6,), 'checkpoint_every': 2, 'eval_every': 4, 'log_every': 1}
 RUN_TIMEOUT_S = 600
 NO_EVAL = {'val': {'kind': 'segmentation', 'split': '', 'every': -1}}
@@ -46,7 +46,7 @@ NO_EVAL = {'val': {'kind': 'segmentation', 'split': '', 'every': -1}}
 def tiny_config(data_dir: str, **changes):
   """The smoke config with OVERRIDES, then ``changes`` (dotted names with '__' for '.')."""
   from qdformer_jax import testing
-  return testing.tiny_synthetic_config(data_dir, image_size=32, num_frames=2, clips=None, overrides={
+  return testing.tiny_synthetic_config(data_dir, clips=None, overrides={
       **OVERRIDES, **{k.replace('__', '.'): v for k, v in changes.items()}})
 
 
