@@ -34,6 +34,7 @@ def test_projection_arithmetic():
   assert row['cores_needed_per_host'] == pytest.approx(row['clips_per_s'] / 2.0)
 
 
+@pytest.mark.slow  # compiles the full paper-sized train step
 def test_lowered_step_flops_match_the_compiled_step():
   """The script counts the lowered program (no compile of the paper-sized step); on the tiny config
   the compiled program's count agrees (XLA's fusions do not change the arithmetic)."""
