@@ -78,7 +78,7 @@ def _find_in_workdir(workdir: epath.Path, config, step: int | None, which: str |
     if step is not None:
       chosen = step if step in steps else None
     else:
-      best = checkpoint.best_step(manager, config.get('best_metric') or None, config.get('best_mode', 'max'))
+      best = checkpoint.best_step(manager, config.best_metric or None, 'max')
       latest = manager.latest_step()
       chosen = latest if which == 'latest' else best if which == 'best' else (best if best is not None else latest)
   finally:
@@ -189,7 +189,7 @@ class Predictor:
     self.num_frames = int(config.data.num_frames)
     self.class_names = class_names(config)
     self.audio_pad = registry.get(config.data.name).audio_pad
-    self.audio_encoder = config.model.audio.get('encoder', 'vggish')  # picks the front end (data.audio)
+    self.audio_encoder = config.model.audio.encoder  # picks the front end (data.audio)
     self._forward = jax.jit(functools.partial(_forward, graphdef))
     self._postprocess = jax.jit(postprocess, static_argnames=('height', 'width', 'binary'))
 

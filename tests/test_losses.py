@@ -391,7 +391,7 @@ def loss_and_grad():
 
 def test_compute_loss_matches_numpy(loss_and_grad):
   params, indices, batch, loss, terms, _ = loss_and_grad
-  cfg = criterion.LossConfig()
+  cfg = criterion.resolve_loss_config(None)
   outputs = to_numpy(build_outputs(params, indices, batch['frame_valid']))
   want, _ = np_compute_loss(outputs, batch, cfg, 7)
   expected_keys = {f'loss_{n}{s}' for n in TERMS for s in ('', '_aux_0', '_aux_1')}
@@ -408,7 +408,7 @@ def test_compute_loss_matches_numpy(loss_and_grad):
 def test_quantization_gradients(loss_and_grad):
   """Codebook: only the first term of Eq. 9 (e - sg[g]); g and l: only the commitment terms."""
   params, indices, batch, _, _, grads = loss_and_grad
-  cfg = criterion.LossConfig()
+  cfg = criterion.resolve_loss_config(None)
   b_ = params['g'].shape[0]
   e = params['codebook'][indices['global']].astype(np.float64)
   lq = params['codebook'][indices['local']].astype(np.float64)
@@ -427,7 +427,7 @@ def test_quantization_gradients(loss_and_grad):
 def test_matching_carries_no_gradient(loss_and_grad):
   """The prediction gradients equal those of the same loss with the matching held constant."""
   params, indices, batch, _, _, grads = loss_and_grad
-  cfg = criterion.LossConfig()
+  cfg = criterion.resolve_loss_config(None)
   weights = criterion.loss_weights(cfg)
   outputs = to_numpy(build_outputs(params, indices, batch['frame_valid']))
   _, assignments = np_compute_loss(outputs, batch, cfg, 7)

@@ -42,34 +42,43 @@ from qdformer_jax.losses.targets import make_targets
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss weights and options; the defaults are docs/DESIGN.md §2 (ReferFormer lineage)."""
-  cls_weight: float = 2.0
-  l1_weight: float = 5.0
-  giou_weight: float = 2.0
-  mask_weight: float = 2.0
-  dice_weight: float = 5.0
-  focal_alpha: float = 0.25
-  focal_gamma: float = 2.0
-  mask_loss: str = 'bce'
-  quant_weight: float = 0.5
-  commit_weight: float = 0.25
-  quant_reduction: str = 'sum'
-  slot_entropy_weight: float = 0.0
-  slot_entropy_temperature: float = 0.1
-  aux_loss: bool = True
+  """Loss weights and options (docs/DESIGN.md §2). Their defaults live in ``configs/base.py``'s
+  ``loss`` table only: :func:`resolve_loss_config` fills what a config leaves out from it."""
+  cls_weight: float
+  l1_weight: float
+  giou_weight: float
+  mask_weight: float
+  dice_weight: float
+  focal_alpha: float
+  focal_gamma: float
+  mask_loss: str
+  quant_weight: float
+  commit_weight: float
+  quant_reduction: str
+  slot_entropy_weight: float
+  slot_entropy_temperature: float
+  aux_loss: bool
+
+
+def default_loss_table() -> dict:
+  """``configs/base.py``'s loss table (the ReferFormer-lineage weights; the one place they live)."""
+  from configs import base  # the repository's config package (installed with the library)
+  return dict(base.get_base_config().loss)
 
 
 def resolve_loss_config(loss_config: Any) -> LossConfig:
   """A ``LossConfig`` from a mapping, an attribute object (ml_collections) or None (defaults).
 
-  Fields the config does not set keep their defaults; fields it sets that ``LossConfig`` does not
-  know are ignored.
+  Fields the config does not set take the defaults of ``configs/base.py`` (:func:`default_loss_table`);
+  fields it sets that ``LossConfig`` does not know are ignored.
   """
   if isinstance(loss_config, LossConfig):
     resolved = loss_config
   else:
+    defaults = default_loss_table()
     values = {}
     for field in dataclasses.fields(LossConfig):
+      values[field.name] = defaults[field.name]
       if loss_config is None:
         continue
       if isinstance(loss_config, Mapping):

@@ -69,5 +69,5 @@ def build_audio_encoder(config, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
     from qdformer_jax.models.vggish import VGGish
     return VGGish(dtype=dtype, rngs=rngs)
   if config.encoder == 'small':
-    return SmallAudioNet(config.get('width', 16), dtype=dtype, rngs=rngs)
+    return SmallAudioNet(config.width, dtype=dtype, rngs=rngs)
   raise ValueError(f'model.audio.encoder must be one of {list(AUDIO_ENCODERS)}, got {config.encoder!r}')

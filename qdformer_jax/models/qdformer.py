@@ -412,7 +412,7 @@ class QDFormer(nnx.Module):
       # the per-frame audio from collapsing onto one code.
       tokens = jnp.concatenate([tokens, vq['local_tokens'].reshape(-1, tokens.shape[-1])])
       indices = jnp.concatenate([indices.reshape(-1), vq['local_indices'].reshape(-1)])
-    if self.config.get('vq_restart_dead', False) and isinstance(self.quantizer, VectorQuantizer):
+    if self.config.vq_restart_dead and isinstance(self.quantizer, VectorQuantizer):
       metrics['codebook_restarts'] = self.quantizer.restart_dead_codes(tokens, indices, key)
     return metrics
 
