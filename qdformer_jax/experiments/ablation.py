@@ -211,6 +211,12 @@ def summarize(results: list[dict], variants, snrs) -> dict:
   return summary
 
 
+def _table(caption: str, labels: list[str], rows: dict[str, list[str]]) -> list[str]:
+  """A captioned markdown table with one row per variant (the lines, preceded by a blank one)."""
+  return (['', caption, '', '| variant | ' + ' | '.join(labels) + ' |', '|---' * (1 + len(labels)) + '|']
+          + [f'| {v} | ' + ' | '.join(cells) + ' |' for v, cells in rows.items()])
+
+
 def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
   fmt = lambda ms: '–' if math.isnan(ms[0]) else f'{ms[0]:.3f} ± {ms[1]:.3f}'  # noqa: E731
   fmt2 = lambda ms: '–' if math.isnan(ms[0]) else f'{ms[0]:.2f}'  # noqa: E731
@@ -222,22 +228,17 @@ def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
     paper = f'{PAPER_TABLE2[v]:.1f}' if v in PAPER_TABLE2 else ''
     lines.append(f'| {v} | {ROW.get(v, "")} | {fmt(s["test"])} | {fmt(s["test_shuffled_audio"])} | {fmt(s["drop"])} | '
                  + ' | '.join(fmt(s['noise'][f'{x:g}']) for x in snrs) + f' | {paper} |')
-  lines += ['', 'The bottleneck (test split; docs/DESIGN.md §1.6): per-slot code perplexity, code→class '
-            'normalised MI, held-out probe R² of the sounding classes from the codes and from the '
-            'continuous tokens, codeword restarts per 100 steps (mean over seeds).', '',
-            '| variant | ' + ' | '.join(label for _, label in DIAGNOSTICS) + ' | restarts / 100 steps |',
-            '|---' * (2 + len(DIAGNOSTICS)) + '|']
-  for v in variants:
-    s = summary[v]
-    lines.append(f'| {v} | ' + ' | '.join(fmt2(s[key]) for key, _ in DIAGNOSTICS)
-                 + f' | {fmt2(s["restarts_per_100"])} |')
-  lines += ['', 'Negative audio (test split; docs/DESIGN.md §5.1): the FPR with silence, noise and off-screen audio '
-            '(every predicted pixel is false: nothing visible sounds) beside the foreground fraction predicted '
-            "with each clip's own audio, and the harmonic means G-mIoU, G-F.", '',
-            '| variant | ' + ' | '.join(label for _, label in NEGATIVE_COLUMNS) + ' |',
-            '|---' * (1 + len(NEGATIVE_COLUMNS)) + '|']
-  for v in variants:
-    lines.append(f'| {v} | ' + ' | '.join(fmt(summary[v]['negative_audio'][key]) for key, _ in NEGATIVE_COLUMNS) + ' |')
+  lines += _table('The bottleneck (test split; docs/DESIGN.md §1.6): per-slot code perplexity, code→class '
+                  'normalised MI, held-out probe R² of the sounding classes from the codes and from the '
+                  'continuous tokens, codeword restarts per 100 steps (mean over seeds).',
+                  [label for _, label in DIAGNOSTICS] + ['restarts / 100 steps'],
+                  {v: [fmt2(summary[v][key]) for key, _ in DIAGNOSTICS] + [fmt2(summary[v]['restarts_per_100'])]
+                   for v in variants})
+  lines += _table('Negative audio (test split; docs/DESIGN.md §5.1): the FPR with silence, noise and off-screen '
+                  'audio (every predicted pixel is false: nothing visible sounds) beside the foreground fraction '
+                  "predicted with each clip's own audio, and the harmonic means G-mIoU, G-F.",
+                  [label for _, label in NEGATIVE_COLUMNS],
+                  {v: [fmt(summary[v]['negative_audio'][key]) for key, _ in NEGATIVE_COLUMNS] for v in variants})
   lines += ['', f'Per seed (test {metric}):', '', '| variant | ' + ' | '.join(
       f'seed {r["seed"]}' for r in results if r['variant'] == variants[0]) + ' |',
       '|---' * (1 + sum(r['variant'] == variants[0] for r in results)) + '|']
