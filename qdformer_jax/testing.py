@@ -12,19 +12,20 @@ from qdformer_jax.training import state as state_lib
 
 
 def tiny_synthetic_config(data_dir: str, *, image_size: int = 32, num_frames: int = 3,
-                          clips: tuple[int, int, int] | None = (2, 3, 2), arg: str = 'smoke',
+                          clips: tuple[int, ...] | None = (2, 3, 2), arg: str = 'smoke',
                           overrides: dict | None = None, **changes):
   """The one home of the tests' tiny configs: ``configs/synthetic.py:<arg>`` (default ``smoke``) at
-  ``image_size`` px and T = ``num_frames``, with (train, val, test) ``clips`` built under ``data_dir``
-  (None: the config's own counts); ``overrides`` set dotted fields ('model.dec_layers': 1), ``changes``
-  top-level ones."""
+  ``image_size`` px and T = ``num_frames``, with (train, val, test[, each negative split]) ``clips``
+  built under ``data_dir`` (no negative splits unless a fourth count is given; None: the config's own
+  counts); ``overrides`` set dotted fields ('model.dec_layers': 1), ``changes`` top-level ones."""
   from configs import synthetic
   c = synthetic.get_config(arg)
   c.data.data_dir = data_dir
   c.data.image_size = image_size
   c.data.num_frames = num_frames
   if clips is not None:
-    c.data.synthetic = {'train_clips': clips[0], 'validation_clips': clips[1], 'test_clips': clips[2]}
+    c.data.synthetic = {'train_clips': clips[0], 'validation_clips': clips[1], 'test_clips': clips[2],
+                        'negative_clips': clips[3] if len(clips) > 3 else 0}
   for name, value in {**(overrides or {}), **changes}.items():
     *parents, leaf = name.split('.')
     node = c

@@ -16,7 +16,7 @@ from qdformer_jax.training import state as state_lib
 
 
 def tiny_config(data_dir: str):
-  c = testing.tiny_synthetic_config(data_dir, clips=(4, 6, 2))
+  c = testing.tiny_synthetic_config(data_dir, clips=(4, 6, 2, 2))  # 2 clips in each negative split
   c.eval_batch_size = 2
   c.model.dec_layers = 1
   c.evals = {'neg': {'kind': 'negative_audio'}}
@@ -188,6 +188,14 @@ def test_a_deaf_model_has_an_fpr_equal_to_its_positive_foreground_fraction(setup
   assert (tmp_path / 'reports' / 'eval_val_5.json').exists()  # the positive run's own report
   lines = evaluations.summary_lines()
   assert len(lines) == 1 and 'FPR silence' in lines[0] and 'G-mIoU' in lines[0]
+  # The dataset's own negative clips (val_silence, ...) are scored too, apart from the protocol's means.
+  assert set(report['stored']) == set(negatives.KINDS)
+  for kind, scenario in report['stored'].items():
+    direct = evaluations.evaluator.run(_zero_audio_path(state), f'val_{kind}', predicted=True)
+    assert scenario['split'] == f'val_{kind}' and scenario['num_clips'] == 2
+    assert scenario['fpr'] == direct['predicted']['foreground_fraction']
+    assert direct['mIoU'] is not None
+  assert '| val_offscreen |' in markdown and 'stored clips FPR silence' in lines[0]
 
 
 def test_harmonic_mean():

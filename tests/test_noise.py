@@ -115,7 +115,7 @@ def test_synthetic_records_hold_their_waveform(data_dir):
   index = int(record['clip_id'].decode().rsplit('_', 1)[1])  # TFDS stores clips in hashed-key order
   from tfds_builders.synthetic_avs import synthetic_avs_dataset_builder as builder
   clip_config = builder.make_config('semantic', image_size=32, num_frames=3, train_clips=2,
-                                    validation_clips=3, test_clips=2)
+                                    validation_clips=3, test_clips=2, negative_clips=0)
   clip = synthetic.make_clip(clip_config.clip_config(),
                              np.random.default_rng(builder.clip_seed(0, 'val', index)))
   assert int(record['audio_length']) == 3 * 16000

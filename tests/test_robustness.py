@@ -292,7 +292,7 @@ def test_two_runs_started_together_build_the_dataset_once(reference, tmp_path):
   assert len(waited) <= 1
   assert not any('Traceback' in t for t in texts)
   [variant] = [d for d in os.listdir(os.path.join(tfds_dir, 'synthetic_avs')) if not d.startswith('.')]
-  assert sorted(os.listdir(os.path.join(tfds_dir, 'synthetic_avs', variant))) == ['1.1.0', '1.1.0.lock']
+  assert sorted(os.listdir(os.path.join(tfds_dir, 'synthetic_avs', variant))) == ['1.2.0', '1.2.0.lock']
   for i in range(2):
     assert steps_in(str(tmp_path / f'run{i}')) == [2]
 

@@ -13,7 +13,7 @@ from qdformer_jax.data import audio, records, synthetic
 tfds_builder = pytest.importorskip('tfds_builders.synthetic_avs')
 
 SMALL = dict(image_size=32, num_frames=3)
-TINY_BUILD = dict(image_size=32, num_frames=3, train_clips=6, validation_clips=3, test_clips=3)
+TINY_BUILD = dict(image_size=32, num_frames=3, train_clips=6, validation_clips=3, test_clips=3, negative_clips=0)
 
 
 def _assert_clips_equal(a: synthetic.Clip, b: synthetic.Clip):
@@ -264,7 +264,7 @@ def test_seed_override_changes_examples_and_binary_configs(tmp_path):
   assert ex_a['frames'] != tfds_builder.make_example(base, 'val', 0)['frames']
 
   single = tfds_builder.build('single', str(tmp_path), image_size=32, num_frames=2,
-                              train_clips=3, validation_clips=1, test_clips=0)
+                              train_clips=3, validation_clips=1, test_clips=0, negative_clips=0)
   assert set(single.info.splits) == {'train', 'val'}
   assert single.info.metadata['num_labels'] == 1
   for ex in _read_split(single, 'train'):
@@ -298,3 +298,40 @@ def test_hard_variant_leaves_default_clips_unchanged_and_mixes_more_sources():
   # The default variant keeps its random stream: no extra draws when the new fields are at default.
   meta = synthetic.make_clip(synthetic.ClipConfig(image_size=32, num_frames=3), 0).metadata
   assert (meta['frame_snr_db'] == meta['snr_db']).all()
+
+
+def test_negative_splits_hold_clips_with_nothing_visible_sounding(tmp_path):
+  with_negatives = dict(TINY_BUILD, negative_clips=2)
+  built = tfds_builder.build('semantic_hard', str(tmp_path), **with_negatives)
+  assert set(built.info.splits) == {'train', 'val', 'test', *tfds_builder.NEGATIVE_SPLITS}
+  config = built.builder_config
+  for split in tfds_builder.NEGATIVE_SPLITS:
+    kind = tfds_builder.negative_kind(split)
+    examples = _read_split(built, split)
+    assert len(examples) == 2
+    for ex in examples:
+      assert ex['clip_id'].decode().startswith(f'synthetic_semantic_{split}_')
+      assert all(not records.decode_image(m, 'L').any() for m in ex['semantic'])  # empty targets
+      frames = np.stack([records.decode_image(f, 'RGB') for f in ex['frames']])
+      index = int(ex['clip_id'].decode().rsplit('_', 1)[1])
+      clip = synthetic.make_clip(config.clip_config(), np.random.default_rng(
+          tfds_builder.synthetic_avs_dataset_builder.clip_seed(config.seed, split, index)), negative=kind)
+      np.testing.assert_array_equal(frames, clip.frames)
+      meta = clip.metadata
+      assert meta['negative'] == kind and len(meta['classes']) >= 2 and not meta['sounding'].any()
+      waveform = records.decode_audio(ex)
+      if kind == 'silence':
+        assert not waveform.any()
+      elif kind == 'noise':
+        assert len(meta['offscreen_classes']) == 0 and 0 < np.sqrt(np.mean(waveform ** 2)) < 0.2
+      else:  # off-screen sources only: classes that are not visible, one or more in every frame
+        assert not set(meta['offscreen_classes']) & set(meta['classes'])
+        assert meta['offscreen_sounding'].any(axis=1).all()
+  # The positive splits do not change when negative splits are added.
+  plain = tfds_builder.build('semantic_hard', str(tmp_path / 'plain'), **TINY_BUILD)
+  for split in ('train', 'val', 'test'):
+    for a, b in zip(_read_split(built, split), _read_split(plain, split)):
+      assert a['frames'] == b['frames'] and a['semantic'] == b['semantic']
+      np.testing.assert_array_equal(a['audio'], b['audio'])
+  with pytest.raises(ValueError, match='negative must be None or one of'):
+    synthetic.make_clip(config.clip_config(), 0, negative='quiet')

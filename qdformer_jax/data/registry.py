@@ -63,6 +63,20 @@ def get(name: str) -> DatasetSpec:
 
 def open_source(data_config, split: str):
   """The random-access TFDS source of ``split`` (building the dataset first when its entry says so)."""
+  builder = _builder(data_config)
+  if split.split('[', 1)[0] not in builder.info.splits:  # 'train[:10]' slices a split
+    raise ValueError(f'{builder.name}/{data_config.builder_config} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}')
+  return builder.as_data_source(split=split)
+
+
+def splits(data_config) -> tuple[str, ...]:
+  """The names of the dataset's built splits (e.g. synthetic_avs's negative splits 'test_silence', ...)."""
+  return tuple(_builder(data_config).info.splits)
+
+
+def _builder(data_config):
+  """The prepared TFDS builder of ``data_config`` (built first when its entry says so)."""
   spec = get(data_config.name)
   module = importlib.import_module(spec.builder_module)
   if spec.build_on_first_use:
@@ -82,7 +96,7 @@ def open_source(data_config, split: str):
       raise FileNotFoundError(
           f'{spec.name}/{data_config.builder_config} is not built under {data_config.data_dir!r}: build it '
           f'first with `python -m {package} --raw_dir <AVSBench release> --data_dir {data_config.data_dir}`')
-  return builder.as_data_source(split=split)
+  return builder
 
 
 def class_names(data_config) -> tuple[str, ...]:

@@ -191,7 +191,8 @@ class Clip(NamedTuple):
     [T,n,H,W] (visible pixels of each object), offscreen_classes int [m] (m = 0, or
     1..max_offscreen), offscreen_sounding bool [T,m], gains float [n+m], snr_db float, frame_snr_db
     float [T] (the noise level of each frame), centers float [T,n,2] (x, y
-    pixels), sizes float [n] (bounding-box side, pixels).
+    pixels), sizes float [n] (bounding-box side, pixels), negative (None, or the kind of a negative
+    clip: see `make_clip`).
   """
   frames: np.ndarray
   semantic: np.ndarray
@@ -424,10 +425,22 @@ def _render(config: ClipConfig, classes: np.ndarray, sides: np.ndarray, centers:
 
 # ------------------------------------------------------------------------------------------------ clip
 
-def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
-  """Generates one clip of ``config`` deterministically from a seed or `numpy.random.Generator`."""
+NEGATIVE_KINDS = ('silence', 'noise', 'offscreen')
+
+
+def make_clip(config: ClipConfig, seed_or_rng, negative: str | None = None) -> Clip:
+  """Generates one clip of ``config`` deterministically from a seed or `numpy.random.Generator`.
+
+  negative: None (a clip of ``config``), or a negative clip in which no visible object sounds, so
+  its target is empty in every frame; it hears 'silence' (an all-zero waveform), 'noise' (only the
+  background noise, at the config's SNR and bursts) or 'offscreen' (1..max_offscreen classes that
+  are not visible, at least one sounding in every frame, over the background noise). The frames are
+  drawn as for a positive clip. ``metadata['negative']`` names the kind (None for a positive clip).
+  """
   if not isinstance(config, ClipConfig):
     raise TypeError(f'make_clip expects a ClipConfig, got {type(config).__name__}')
+  if negative is not None and negative not in NEGATIVE_KINDS:
+    raise ValueError(f'make_clip: negative must be None or one of {NEGATIVE_KINDS}, got {negative!r}')
   rng = _as_rng(seed_or_rng)
   num_frames = config.num_frames
   n = int(rng.integers(config.min_objects, config.max_objects + 1))
@@ -445,10 +458,15 @@ def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
       for t in range(num_frames):
         sounding[t, order[t, :need[t]]] = True
 
-  if rng.random() < config.offscreen_prob:
+  if negative is not None:
+    sounding[:] = False  # nothing visible sounds: the target is empty
+  if negative == 'offscreen' or (negative is None and rng.random() < config.offscreen_prob):
     m = 1 if config.max_offscreen == 1 else int(rng.integers(1, config.max_offscreen + 1))
     offscreen = others[:m]
     offscreen_sounding = rng.random((num_frames, m)) < config.offscreen_frame_prob
+    if negative == 'offscreen':  # an off-screen-only clip hears something in every frame
+      quiet = ~offscreen_sounding.any(axis=1)
+      offscreen_sounding[quiet, rng.integers(m, size=int(quiet.sum()))] = True
   else:
     offscreen = others[:0]
     offscreen_sounding = np.zeros((num_frames, 0), bool)
@@ -466,9 +484,14 @@ def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
   frame_snr_db = snr_db
   if config.frame_snr_jitter_db > 0:
     frame_snr_db = snr_db - rng.uniform(0.0, config.frame_snr_jitter_db, size=num_frames)
-  waveform = class_waveform(np.concatenate([classes, offscreen]), num_frames, rng,
-                            sounding=np.concatenate([sounding, offscreen_sounding], axis=1),
-                            gains=gains, snr_db=frame_snr_db, shared_partials=config.shared_partials)
+  if negative == 'silence':
+    waveform = np.zeros(num_frames * SAMPLE_RATE, np.float32)
+  elif negative == 'noise':
+    waveform = class_waveform([], num_frames, rng, snr_db=frame_snr_db)
+  else:
+    waveform = class_waveform(np.concatenate([classes, offscreen]), num_frames, rng,
+                              sounding=np.concatenate([sounding, offscreen_sounding], axis=1),
+                              gains=gains, snr_db=frame_snr_db, shared_partials=config.shared_partials)
   metadata = {
       'classes': classes.astype(np.int64),
       'sounding': sounding,
@@ -481,6 +504,7 @@ def make_clip(config: ClipConfig, seed_or_rng) -> Clip:
       'frame_snr_db': np.broadcast_to(np.float64(frame_snr_db), (num_frames,)).copy(),
       'centers': centers,
       'sizes': sides,
+      'negative': negative,
   }
   return Clip(frames, semantic, waveform, metadata)
 

@@ -27,7 +27,11 @@ import tensorflow_datasets as tfds
 from qdformer_jax.data import first_use, records, synthetic
 
 SPLITS = ('train', 'val', 'test')
-_SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
+# Negative clips of the val and test splits, one split per kind ('val_silence', ...): frames as in any
+# clip, nothing visible sounds, so every target is empty (docs/DESIGN.md, "Negative audio").
+NEGATIVE_SPLITS = tuple(f'{split}_{kind}' for split in ('val', 'test') for kind in synthetic.NEGATIVE_KINDS)
+_SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2,
+                **{name: 3 + i for i, name in enumerate(NEGATIVE_SPLITS)}}
 
 
 @dataclasses.dataclass(eq=False)
@@ -40,6 +44,8 @@ class SyntheticAvsConfig(tfds.core.BuilderConfig):
   min_objects (0: the task default), offscreen_prob, max_offscreen, min_sounding, shared_partials,
     snr_db_low / snr_db_high, frame_snr_jitter_db: as in `synthetic.ClipConfig` (the 'semantic_hard'
     variant sets them so that a frame's audio no longer names its classes on its own).
+  negative_clips: clips in each of the negative splits (`NEGATIVE_SPLITS`: val and test, each hearing
+    silence, only the background noise, or only off-screen sources); 0 builds none.
   """
   task: str = 'semantic'
   image_size: int = 64
@@ -57,6 +63,7 @@ class SyntheticAvsConfig(tfds.core.BuilderConfig):
   train_clips: int = 800
   validation_clips: int = 100
   test_clips: int = 100
+  negative_clips: int = 32
   seed: int = 0
 
   def clip_config(self) -> synthetic.ClipConfig:
@@ -70,7 +77,9 @@ class SyntheticAvsConfig(tfds.core.BuilderConfig):
                                 frame_snr_jitter_db=self.frame_snr_jitter_db)
 
   def split_sizes(self) -> dict[str, int]:
-    return {'train': self.train_clips, 'val': self.validation_clips, 'test': self.test_clips}
+    """Clips per split: train, val, test and the negative splits."""
+    return {'train': self.train_clips, 'val': self.validation_clips, 'test': self.test_clips,
+            **dict.fromkeys(NEGATIVE_SPLITS, self.negative_clips)}
 
 
 _DESCRIPTIONS = {
@@ -123,10 +132,16 @@ def clip_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
   return np.random.SeedSequence([seed, _SPLIT_CODES[split], index])
 
 
+def negative_kind(split: str) -> str | None:
+  """The negative-audio kind of the clips of ``split`` ('test_noise' -> 'noise'); None for train/val/test."""
+  return split.split('_', 1)[1] if split in NEGATIVE_SPLITS else None
+
+
 def make_example(config: SyntheticAvsConfig, split: str, index: int) -> dict[str, Any]:
   """The record of one clip (the features of `records.clip_features`) and its key."""
   clip_config = config.clip_config()
-  clip = synthetic.make_clip(clip_config, np.random.default_rng(clip_seed(config.seed, split, index)))
+  clip = synthetic.make_clip(clip_config, np.random.default_rng(clip_seed(config.seed, split, index)),
+                             negative=negative_kind(split))
   num_frames = clip_config.num_frames
   waveform, waveform_length = records.encode_audio(clip.waveform, num_frames)
   return {
@@ -145,9 +160,11 @@ def make_example(config: SyntheticAvsConfig, split: str, index: int) -> dict[str
 class SyntheticAvs(tfds.core.GeneratorBasedBuilder):
   """Procedural audio-visual segmentation clips; the default, download-free dataset."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '1.1.0': 'Adds the waveform (audio, audio_length) for noise-robustness evaluation.'}
+                   '1.1.0': 'Adds the waveform (audio, audio_length) for noise-robustness evaluation.',
+                   '1.2.0': 'Adds the negative splits (val/test x silence/noise/offscreen, empty targets); '
+                            'the train, val and test clips are unchanged.'}
   BUILDER_CONFIGS = list(BUILDER_CONFIGS)
   DEFAULT_CONFIG_NAME = 'semantic'
 
@@ -165,7 +182,8 @@ class SyntheticAvs(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     sizes = self.builder_config.split_sizes()
-    return {split: self._generate_examples(split, sizes[split]) for split in SPLITS if sizes[split] > 0}
+    return {split: self._generate_examples(split, sizes[split])
+            for split in SPLITS + NEGATIVE_SPLITS if sizes[split] > 0}
 
   def _generate_examples(self, split: str, num_clips: int):
     for index in range(num_clips):

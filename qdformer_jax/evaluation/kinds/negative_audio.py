@@ -7,7 +7,9 @@ Per negative scenario: the FPR (predicted foreground pixels / pixels of the vali
 per-frame FPR averaged over frames, as AVSBench-Robust computes it) and the fraction of frames with
 any predicted mask. The combined scores G-mIoU and G-F are the harmonic means of the positive mIoU
 (J on S4/MS3) or F and 1 - FPR, the FPR averaged over the negative scenarios (docs/DESIGN.md,
-"Negative audio", says how we read AVSBench-Robust's definition). ``negative_audio_<split>_<step>.{json,md}``.
+"Negative audio", says how we read AVSBench-Robust's definition). A dataset that stores negative
+clips (synthetic_avs: ``<split>_silence``, ``<split>_noise``, ``<split>_offscreen``) is also scored on
+them, reported apart under ``stored``. ``negative_audio_<split>_<step>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -63,12 +65,14 @@ def run(context, name: str, split: str) -> dict:
     scenarios[kind] = {'fpr': results['predicted']['foreground_fraction'],
                        'frames_with_mask': results['predicted']['frames_with_mask'],
                        'num_clips': results['num_clips']}
+  stored = stored_scenarios(context, split)
   mean_fpr = sum(s['fpr'] for s in scenarios.values()) / len(scenarios)
   scores = positive_scores(config, positive)
   combined = {f'G-{k}': harmonic(v, mean_fpr) for k, v in scores.items() if isinstance(v, float)}
   out = {'positive': dict(scores, foreground_fraction=predicted['foreground_fraction'],
                           frames_with_mask=predicted['frames_with_mask']),
          'scenarios': scenarios, 'mean_fpr': mean_fpr, **combined,
+         **({'stored': stored} if stored else {}),
          'offscreen': {'rule': negatives.offscreen_rule(config.data, config.eval.offscreen),
                        'clips_without_compatible_donor': unmatched}}
   paths = context.write(write_report, context.workdir, split, context.step, config, out) or {}
@@ -78,11 +82,35 @@ def run(context, name: str, split: str) -> dict:
   return out
 
 
+def stored_split(split: str, kind: str) -> str:
+  """The name of the dataset's own negative split of ``split`` hearing ``kind`` ('test_silence')."""
+  return f'{split}_{kind}'
+
+
+def stored_scenarios(context, split: str) -> dict:
+  """{kind: fpr, frames_with_mask, num_clips} on the dataset's stored negative clips of ``split``
+  (synthetic_avs's 'test_silence', 'test_noise', 'test_offscreen': generated with nothing visible
+  sounding, targets empty); {} when the dataset stores none."""
+  available = registry.splits(context.config.data)
+  out = {}
+  for kind in negatives.KINDS:
+    name = stored_split(split, kind)
+    if name in available:
+      results = context.evaluate(name, predicted=True)
+      out[kind] = {'split': name, 'fpr': results['predicted']['foreground_fraction'],
+                   'frames_with_mask': results['predicted']['frames_with_mask'],
+                   'num_clips': results['num_clips']}
+  return out
+
+
 def summary_line(results: dict) -> str:
   """The run summary's line for these results."""
   fprs = ', '.join(f'{k} {v["fpr"]:.3f}' for k, v in results['scenarios'].items())
   combined = ', '.join(f'{k} {results[k]:.3f}' for k in ('G-mIoU', 'G-F') if k in results)
-  return f'FPR {fprs}; {combined}'
+  line = f'FPR {fprs}; {combined}'
+  if results.get('stored'):
+    line += '; stored clips FPR ' + ', '.join(f'{k} {v["fpr"]:.3f}' for k, v in results['stored'].items())
+  return line
 
 
 def write_report(workdir: str, split: str, step: int, config, results: dict) -> dict:
@@ -98,7 +126,9 @@ def write_report(workdir: str, split: str, step: int, config, results: dict) -> 
                     'G-F': 'harmonic mean of the positive F and 1 - mean FPR',
                     'silence': 'an all-zero waveform through the front end',
                     'noise': "white Gaussian noise at the RMS of the clip's own audio",
-                    'offscreen': results['offscreen']['rule']})
+                    'offscreen': results['offscreen']['rule'],
+                    'stored': "the dataset's own negative splits (<split>_<kind>), where it has them; "
+                              'not part of mean_fpr, G-mIoU or G-F'})
   stem = reports.report_stem(REPORT_PREFIX, split, step)
   json_path = reports.write_json(workdir, stem + '.json', report)
   positive = results['positive']
@@ -114,6 +144,11 @@ def write_report(workdir: str, split: str, step: int, config, results: dict) -> 
                                                  results.get('G-mIoU'), results.get('G-F'))) + ' |', '',
             f'Off-screen audio: {results["offscreen"]["rule"]}; clips without a compatible donor: '
             f'{results["offscreen"]["clips_without_compatible_donor"]}.']
+  if results.get('stored'):
+    lines += ['', "The dataset's own negative clips (frames drawn as for any clip, nothing visible sounds, "
+              'targets empty):', '', '| split | FPR | frames with a mask | clips |', '|---|---|---|---|']
+    lines += [f'| {s["split"]} | {s["fpr"]:.4f} | {s["frames_with_mask"]:.4f} | {s["num_clips"]} |'
+              for s in results['stored'].values()]
   md_path = json_path[:-len('.json')] + '.md'
   with open(md_path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
