@@ -198,6 +198,13 @@ def test_a_deaf_model_has_an_fpr_equal_to_its_positive_foreground_fraction(setup
   assert '| val_offscreen |' in markdown and 'stored clips FPR silence' in lines[0]
 
 
+def test_the_stored_negative_splits_are_listed_and_a_missing_split_is_named(setup):
+  config = setup[0]
+  assert {'val_silence', 'val_noise', 'val_offscreen', 'test_offscreen'} <= set(registry.splits(config.data))
+  with pytest.raises(ValueError, match="has no split 'vall'; it has"):
+    registry.open_source(config.data, 'vall')
+
+
 def test_harmonic_mean():
   assert negative_audio.harmonic(0.5, 0.5) == 0.5
   assert negative_audio.harmonic(0.0, 1.0) == 0.0
