@@ -75,6 +75,6 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.checkpoint_every = 400       # the saves coincide with the evaluations
   if args['smoke']:
     common.apply_smoke(c)
-    c.data.synthetic = {'train_clips': 16, 'validation_clips': 8, 'test_clips': 8, 'negative_clips': 4}
+    c.data.synthetic = {'train_clips': 16, 'validation_clips': 8, 'test_clips': 8, 'negative_clips': 0}
   common.apply_audio(c, args['audio'], bool(args['smoke']))
   return c

@@ -264,8 +264,9 @@ def test_seed_override_changes_examples_and_binary_configs(tmp_path):
   assert ex_a['frames'] != tfds_builder.make_example(base, 'val', 0)['frames']
 
   single = tfds_builder.build('single', str(tmp_path), image_size=32, num_frames=2,
-                              train_clips=3, validation_clips=1, test_clips=0, negative_clips=0)
-  assert set(single.info.splits) == {'train', 'val'}
+                              train_clips=3, validation_clips=1, test_clips=0, negative_clips=1)
+  # No test clips: no negative test splits either.
+  assert set(single.info.splits) == {'train', 'val', 'val_silence', 'val_noise', 'val_offscreen'}
   assert single.info.metadata['num_labels'] == 1
   for ex in _read_split(single, 'train'):
     labels = np.stack([records.decode_image(m, 'L') for m in ex['semantic']])

@@ -64,7 +64,7 @@ def get(name: str) -> DatasetSpec:
 def open_source(data_config, split: str):
   """The random-access TFDS source of ``split`` (building the dataset first when its entry says so)."""
   builder = _builder(data_config)
-  if split.split('[', 1)[0] not in builder.info.splits:  # 'train[:10]' slices a split
+  if isinstance(split, str) and split.split('[', 1)[0] not in builder.info.splits and '+' not in split:
     raise ValueError(f'{builder.name}/{data_config.builder_config} has no split {split!r}; it has '
                      f'{sorted(builder.info.splits)}')
   return builder.as_data_source(split=split)

@@ -7,7 +7,7 @@ on its own. The records are `qdformer_jax.data.records.clip_features(T)`.
     from tfds_builders.synthetic_avs import build
     builder = build('semantic', data_dir)                       # builds once, then reuses
     builder = build('semantic', data_dir, image_size=32, train_clips=8, validation_clips=8,
-                    test_clips=8)                               # a custom-size variant
+                    test_clips=8, negative_clips=0)             # a custom-size variant
     source = builder.as_data_source('train')                    # random access, no TensorFlow
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ class SyntheticAvsConfig(tfds.core.BuilderConfig):
     snr_db_low / snr_db_high, frame_snr_jitter_db: as in `synthetic.ClipConfig` (the 'semantic_hard'
     variant sets them so that a frame's audio no longer names its classes on its own).
   negative_clips: clips in each of the negative splits (`NEGATIVE_SPLITS`: val and test, each hearing
-    silence, only the background noise, or only off-screen sources); 0 builds none.
+    silence, only the background noise, or only off-screen sources); 0 builds none, and a split
+    with no clips (e.g. test_clips = 0) gets no negative splits.
   """
   task: str = 'semantic'
   image_size: int = 64
@@ -63,7 +64,7 @@ class SyntheticAvsConfig(tfds.core.BuilderConfig):
   train_clips: int = 800
   validation_clips: int = 100
   test_clips: int = 100
-  negative_clips: int = 32
+  negative_clips: int = 16
   seed: int = 0
 
   def clip_config(self) -> synthetic.ClipConfig:
@@ -78,8 +79,9 @@ class SyntheticAvsConfig(tfds.core.BuilderConfig):
 
   def split_sizes(self) -> dict[str, int]:
     """Clips per split: train, val, test and the negative splits."""
-    return {'train': self.train_clips, 'val': self.validation_clips, 'test': self.test_clips,
-            **dict.fromkeys(NEGATIVE_SPLITS, self.negative_clips)}
+    sizes = {'train': self.train_clips, 'val': self.validation_clips, 'test': self.test_clips}
+    return dict(sizes, **{name: self.negative_clips if sizes[name.split('_', 1)[0]] > 0 else 0
+                          for name in NEGATIVE_SPLITS})
 
 
 _DESCRIPTIONS = {

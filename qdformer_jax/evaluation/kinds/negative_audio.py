@@ -83,8 +83,9 @@ def run(context, name: str, split: str) -> dict:
 
 
 def stored_split(split: str, kind: str) -> str:
-  """The name of the dataset's own negative split of ``split`` hearing ``kind`` ('test_silence')."""
-  return f'{split}_{kind}'
+  """The name of the dataset's own negative split of ``split`` hearing ``kind`` ('test_silence'; a
+  sliced split 'test[:10]' names the whole negative split, which ``eval.limit`` bounds)."""
+  return f'{split.split("[", 1)[0]}_{kind}'
 
 
 def stored_scenarios(context, split: str) -> dict:
