@@ -177,14 +177,17 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
                 for row in noise['table']},
       'negative_audio': {'foreground_positive': negative['positive']['foreground_fraction'],
                          **{f'fpr_{k}': v['fpr'] for k, v in negative['scenarios'].items()},
-                         'G-mIoU': negative.get('G-mIoU'), 'G-F': negative.get('G-F')},
+                         'G-mIoU': negative.get('G-mIoU'), 'G-F': negative.get('G-F'),
+                         # the dataset's own negative clips (synthetic_avs 1.2.0), where the report has them
+                         **{f'stored_fpr_{k}': v['fpr'] for k, v in negative.get('stored', {}).items()}},
       'negative_fraction': float(config.data.negative_fraction),
       'seconds_this_invocation': round(seconds, 1),
   }
 
 
 NEGATIVE_COLUMNS = (('foreground_positive', 'foreground, own audio'), ('fpr_silence', 'FPR silence'), ('fpr_noise', 'FPR noise'), ('fpr_offscreen', 'FPR off-screen'),
-                    ('G-mIoU', 'G-mIoU'), ('G-F', 'G-F'))
+                    ('G-mIoU', 'G-mIoU'), ('G-F', 'G-F'), ('stored_fpr_silence', 'stored silent clips: FPR'),
+                    ('stored_fpr_noise', 'stored noise-only: FPR'), ('stored_fpr_offscreen', 'stored off-screen-only: FPR'))
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -236,7 +239,9 @@ def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
                    for v in variants})
   lines += _table('Negative audio (test split; docs/DESIGN.md §5.1): the FPR with silence, noise and off-screen '
                   'audio (every predicted pixel is false: nothing visible sounds) beside the foreground fraction '
-                  "predicted with each clip's own audio, and the harmonic means G-mIoU, G-F.",
+                  "predicted with each clip's own audio, and the harmonic means G-mIoU, G-F; then the FPR on the "
+                  "dataset's own negative clips (test_silence, test_noise, test_offscreen; – where a run's report "
+                  'predates them or the dataset has none).',
                   [label for _, label in NEGATIVE_COLUMNS],
                   {v: [fmt(summary[v]['negative_audio'][key]) for key, _ in NEGATIVE_COLUMNS] for v in variants})
   lines += ['', f'Per seed (test {metric}):', '', '| variant | ' + ' | '.join(
