@@ -39,6 +39,13 @@ def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
   assert {p: os.path.getmtime(ckpt / p) for p in os.listdir(ckpt)} == before
   again = json.load(open(out / 'results.json'))
   assert [r['test'] for r in again['runs']] == [r['test'] for r in results['runs']]
+  # --reevaluate: the final checkpoints are evaluated again (reports rewritten), nothing is trained.
+  report = out / 'runs' / 'full' / 'seed0' / 'reports' / 'negative_audio_test_2.json'
+  stamp = os.path.getmtime(report)
+  assert ablation.main(argv[:4] + ['--variants', 'full'] + argv[6:] + ['--reevaluate']) == 0
+  assert os.path.getmtime(report) != stamp
+  assert {p: os.path.getmtime(ckpt / p) for p in os.listdir(ckpt)} == before
+  assert json.load(open(out / 'results.json'))['runs'][0]['test'] == results['runs'][0]['test']
 
 
 def test_variants_name_real_config_fields():

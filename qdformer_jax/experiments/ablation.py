@@ -9,7 +9,8 @@ evaluates its final checkpoint on the test split: plain, with each clip given an
 (the audio-use check), with pink noise mixed in at each SNR (the paper's Fig. 7) and with negative
 audio (silence, noise, off-screen: the FPR; docs/DESIGN.md §5.1). ``--negative_fraction`` trains
 every run with that fraction of negative clips (use another ``--out``). A finished run (its test
-negative-audio report exists) is not redone; an interrupted one resumes from its checkpoint.
+negative-audio report exists) is not redone (``--reevaluate`` evaluates its final checkpoint again);
+an interrupted one resumes from its checkpoint.
 
 Writes under DIR: ``runs/<variant>/seed<k>/`` (each run's workdir and reports), ``results.json``
 (every run's numbers), ``results.md`` (mean ± std over seeds per variant, then the per-seed values)
@@ -125,8 +126,25 @@ def run_config(base, variant: str, seed: int, steps: int, data_dir: str) -> ml_c
   return config
 
 
-def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str) -> dict:
-  """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers."""
+def evaluate_final(config, workdir: str, test_split: str, snrs) -> None:
+  """Eval mode on the run's latest checkpoint: the test split plain, with shuffled audio, under noise
+  at ``snrs`` and under negative audio (each writes its report)."""
+  eval_config = config.copy_and_resolve_references()
+  with eval_config.unlocked():
+    eval_config.mode = 'eval'
+    eval_config.eval.update(split=test_split, checkpoint='latest', noise_snrs=tuple(snrs))
+    eval_config.evals = ml_collections.ConfigDict({
+        'test': {'kind': 'segmentation', 'split': '', 'every': 0},
+        'audio_use': {'kind': 'audio_use', 'split': '', 'every': 0},
+        'noise': {'kind': 'noise', 'split': '', 'every': 0},
+        'negative_audio': {'kind': 'negative_audio', 'split': '', 'every': 0}})
+  eval_mode.evaluate_checkpoint(eval_config, workdir)
+
+
+def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str,
+            reevaluate: bool = False) -> dict:
+  """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers.
+  ``reevaluate``: a finished run is evaluated again (e.g. after an evaluator gained a measurement)."""
   workdir = os.path.join(out, 'runs', variant, f'seed{seed}')
   config = run_config(base, variant, seed, steps, data_dir)
   reports = workdir_lib.reports_dir(workdir)
@@ -136,16 +154,10 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   if not os.path.exists(done):
     logging.info('run %s seed %d -> %s', variant, seed, workdir)
     train.train_and_evaluate(config, workdir)
-    eval_config = config.copy_and_resolve_references()
-    with eval_config.unlocked():
-      eval_config.mode = 'eval'
-      eval_config.eval.update(split=test_split, checkpoint='latest', noise_snrs=tuple(snrs))
-      eval_config.evals = ml_collections.ConfigDict({
-          'test': {'kind': 'segmentation', 'split': '', 'every': 0},
-          'audio_use': {'kind': 'audio_use', 'split': '', 'every': 0},
-          'noise': {'kind': 'noise', 'split': '', 'every': 0},
-          'negative_audio': {'kind': 'negative_audio', 'split': '', 'every': 0}})
-    eval_mode.evaluate_checkpoint(eval_config, workdir)
+    evaluate_final(config, workdir, test_split, snrs)
+  elif reevaluate:
+    logging.info('evaluating %s seed %d again (%s)', variant, seed, workdir)
+    evaluate_final(config, workdir, test_split, snrs)
   seconds = time.time() - t0
 
   def report(kind, split, step):
@@ -289,6 +301,8 @@ def main(argv=None) -> int:
                       help="train every run with this fraction of negative clips (data.negative_fraction; "
                            "default: the config's)")
   parser.add_argument('--data_dir', default='', help='TFDS dir shared by all runs (default OUT/tfds)')
+  parser.add_argument('--reevaluate', action='store_true',
+                      help='evaluate finished runs again (their final checkpoint) instead of reading their reports')
   parser.add_argument('--verbosity', type=int, default=0)
   parser.add_argument('--debug', action='store_true')
   args = parser.parse_args(argv)
@@ -308,7 +322,8 @@ def main(argv=None) -> int:
     results = []
     for variant in variants:
       for seed in seeds:
-        results.append(run_one(base, variant, seed, args.out, args.steps, snrs, data_dir, args.test_split))
+        results.append(run_one(base, variant, seed, args.out, args.steps, snrs, data_dir, args.test_split,
+                               args.reevaluate))
         logging.info('%s seed %d: test %s %.4f (shuffled audio %.4f)', variant, seed, results[-1]['metric'],
                      results[-1]['test'], results[-1]['test_shuffled_audio'])
     metric = results[0]['metric']
