@@ -26,8 +26,8 @@ def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
     negative = r['negative_audio']
     assert all(0.0 <= negative[f'fpr_{k}'] <= 1.0 for k in ('silence', 'noise', 'offscreen'))
     assert r['negative_fraction'] == 0.0
-  table = (out / 'results.md').read_text()
     assert 'stored_fpr_silence' not in negative  # the smoke config builds no stored negative clips
+  table = (out / 'results.md').read_text()
   assert ('| variant | foreground, own audio | FPR silence | FPR noise | FPR off-screen | G-mIoU | G-F | '
           'stored silent clips: FPR | stored noise-only: FPR | stored off-screen-only: FPR |') in table
   assert '| full | row 6: + LC (full) |' in table and '| baseline | row 1: no decomposition |' in table
