@@ -228,6 +228,7 @@ def test_pvt_v2_param_counts_match_timm(name):
   assert n == _timm_param_count(name)
 
 
+@pytest.mark.slow  # compiles and runs a train step end to end: not in the quick command
 def test_pvt_v2_b5_avss_config_backbone_equals_timm():
   from configs import avss
   from qdformer_jax.models import build_model

@@ -69,6 +69,7 @@ def test_bad_config_argument_raises(arg):
     avss.get_config(arg)
 
 
+@pytest.mark.slow  # compiles and runs a train step end to end: not in the quick command
 def test_main_py_command_line(tmp_path):
   """The docstring command runs as written: main.py parses `configs/avss.py:smoke,swin_t` and the
   `--config.*` overrides, and the job stops at the first thing it needs, the unbuilt dataset."""
@@ -151,6 +152,7 @@ SMOKE_RUNS = [('avss', 'avs_semantic/all', 'mIoU', 3), ('s4', 'avs_object/s4', '
               ('ms3', 'avs_object/ms3', 'J', None)]
 
 
+@pytest.mark.slow  # compiles and runs a train step end to end: not in the quick command
 @pytest.mark.parametrize('task,dataset,metric,val_clips', SMOKE_RUNS)
 def test_smoke_run_on_fixtures_writes_report(task, dataset, metric, val_clips, fixture_data, tmp_path):
   """configs/<task>.py:smoke on the fixtures: one train step, a checkpoint and an eval report."""

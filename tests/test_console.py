@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # compiles and runs a train step end to end: not in the quick command
 def test_smoke_run_console_is_short_and_ends_with_the_summary(tmp_path):
   workdir = tmp_path / 'w'
   proc = subprocess.run(

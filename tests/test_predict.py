@@ -27,6 +27,8 @@ from qdformer_jax import inference, predict  # noqa: E402
 from qdformer_jax.data import registry, synthetic, video  # noqa: E402
 from qdformer_jax.evaluation import overlays  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a trained workdir per module (~30 s): not in `pytest -m "not slow"`
+
 HEIGHT, WIDTH, NATIVE_FPS, SECONDS, SR = 80, 96, 4, 7, synthetic.SAMPLE_RATE
 
 

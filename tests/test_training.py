@@ -80,6 +80,7 @@ def test_train_step_is_one_program_compiled_once(data_dir):
   assert all(np.isfinite(losses))
 
 
+@pytest.mark.slow  # compiles and runs a train step end to end: not in the quick command
 def test_pvt_backbone_and_ast_audio_train_a_step(data_dir):
   """The two comparison choices together, small (configs/common.py's ':smoke' PVT-v2 and AST sizes):
   the pipeline computes AST filterbanks [B,T,98,128] from the stored waveform, and a train step runs
@@ -137,6 +138,7 @@ def test_frozen_parameters_do_not_move_in_a_train_step(data_dir):
   assert all(changed(before['backbone']['layer2'], after['backbone']['layer2']))
 
 
+@pytest.mark.slow  # compiles and runs a train step end to end: not in the quick command
 def test_smoke_run_writes_report_then_resumes(data_dir, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_config(data_dir), workdir)
