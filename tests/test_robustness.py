@@ -323,6 +323,41 @@ def test_closed_loop_tracebacks_are_dropped_and_other_output_kept():
   assert out.getvalue() == '12:00:00 step 1/8\n' + other + 'Traces of nothing\n'
 
 
+def test_closed_loop_tracebacks_from_threads_writing_in_turn_are_dropped():
+  """Callback threads print their tracebacks at the same time, a frame's indent, source line and
+  newline in separate writes, so one line on the terminal can hold pieces of two threads' lines
+  (seen on CI: "    self._check_closed()self._check_closed()Traceback (most recent call last):").
+  Each thread's text is judged on its own: all of it is dropped, a third thread's line passes whole."""
+  import io
+  import threading
+
+  from qdformer_jax.training import full_disk
+  pieces = ['Traceback (most recent call last):\n', '  File "/usr/lib/python3.11/asyncio/base_events.py", '
+            'line 806, in call_soon_threadsafe\n', '    ', 'self._check_closed()', '\n',
+            '  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed\n', '    ',
+            "raise RuntimeError('Event loop is closed')", '\n', 'RuntimeError', ': ', 'Event loop is closed', '\n']
+  out = io.StringIO()
+  stream = full_disk._ClosedLoopTracebacks(out)
+  turns = [threading.Semaphore(0) for _ in range(3)]
+
+  def writer(i, texts):
+    for text in texts:
+      turns[i].acquire()
+      stream.write(text)
+      turns[(i + 1) % 3].release()
+
+  third = ['12:00:01 ', 'eval ', 'val', ' mIoU=0.5', '\n'] + [''] * (len(pieces) - 5)
+  threads = [threading.Thread(target=writer, args=(i, t)) for i, t in enumerate([pieces, pieces, third])]
+  for t in threads:
+    t.start()
+  turns[0].release()
+  for t in threads:
+    t.join(timeout=10)
+  stream.release()
+  lines = out.getvalue().splitlines()
+  assert ''.join(lines) == '12:00:01 eval val mIoU=0.5', out.getvalue()
+
+
 def _mount_small_filesystem(path: str, size_bytes: int) -> None:
   """A tmpfs of ``size_bytes`` at ``path``; skips the test where mounting is not permitted."""
   os.makedirs(path, exist_ok=True)

@@ -13,6 +13,7 @@ checkpoint and what to do. Earlier checkpoints are never touched.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import logging
@@ -142,53 +143,90 @@ class _HoldBack(logging.Filter):
     return True
 
 
-class _ClosedLoopTracebacks:
-  """A stand-in for ``sys.stderr`` that drops whole "Traceback ... RuntimeError: Event loop is closed"
-  blocks (what TensorStore callbacks print once a failed save closed Orbax's event loop) and passes
-  everything else through, line by line."""
+class _Pending:
+  """One writing thread's text not yet judged: an open traceback's lines, a line without its newline."""
 
-  def __init__(self, stream):
-    self.stream = stream
+  def __init__(self):
     self.block: list[str] | None = None
     self.partial = ''
 
+
+class _ClosedLoopTracebacks:
+  """A stand-in for ``sys.stderr`` that drops whole "Traceback ... RuntimeError: Event loop is closed"
+  blocks (what TensorStore callbacks print once a failed save closed Orbax's event loop) and passes
+  everything else through, line by line.
+
+  Several callback threads print such tracebacks at once, each in many small writes (a frame's
+  indent, its source line, the newline), so the text is parsed per writing thread: a line is judged
+  only once its own thread completed it, never as a mix of two threads' pieces."""
+
+  def __init__(self, stream):
+    self.stream = stream
+    self._local = threading.local()
+    self._threads: list[_Pending] = []  # every thread's, for release()
+    self._lock = threading.Lock()
+
+  def _state(self) -> _Pending:
+    state = getattr(self._local, 'state', None)
+    if state is None:
+      state = self._local.state = _Pending()
+      with self._lock:
+        self._threads.append(state)
+    return state
+
+  def _out(self, text: str) -> None:
+    with self._lock:
+      self.stream.write(text)
+
   def write(self, text: str) -> int:
-    self.partial += text
-    *lines, self.partial = self.partial.split('\n')
+    state = self._state()
+    state.partial += text
+    *lines, state.partial = state.partial.split('\n')
     for line in lines:
-      self._line(line + '\n')
-    if self.block is None and self.partial and not 'Traceback (most recent call last):'.startswith(self.partial):
-      self.stream.write(self.partial)
-      self.partial = ''
+      self._line(state, line + '\n')
+    if state.block is None and state.partial and not 'Traceback (most recent call last):'.startswith(state.partial):
+      self._out(state.partial)
+      state.partial = ''
     return len(text)
 
-  # The lines of such a traceback, dropped one by one too when two threads' tracebacks interleave.
+  # The lines of such a traceback, dropped one by one too when two tracebacks interleave in one thread.
   NOISE = ("self._check_closed()", "raise RuntimeError('Event loop is closed')", 'RuntimeError: Event loop is closed')
 
-  def _line(self, line: str) -> None:
-    if self.block is None:
+  @classmethod
+  def _noise(cls, line: str) -> bool:
+    return line.strip() in cls.NOISE or ('asyncio' in line and 'base_events.py' in line
+                                          and ('call_soon_threadsafe' in line or '_check_closed' in line))
+
+  def _line(self, state, line: str) -> None:
+    if state.block is None:
       if line.startswith('Traceback (most recent call last):'):
-        self.block = [line]
-      elif not (line.strip() in self.NOISE or ('asyncio' in line and 'base_events.py' in line
-                                               and ('call_soon_threadsafe' in line or '_check_closed' in line))):
-        self.stream.write(line)
+        state.block = [line]
+      elif not self._noise(line):
+        self._out(line)
       return
-    self.block.append(line)
+    state.block.append(line)
     if not line.startswith((' ', '\t', 'Traceback (most recent call last):')):  # the exception line ends it
       if 'Event loop is closed' not in line:
-        self.stream.write(''.join(self.block))
-      self.block = None
+        self._out(''.join(state.block))
+      state.block = None
 
   def flush(self) -> None:
-    self.stream.flush()
+    with self._lock:
+      self.stream.flush()
 
   def release(self) -> None:
-    if self.block:
-      self.stream.write(''.join(self.block))
-    if self.partial:
-      self.stream.write(self.partial)
-    self.block, self.partial = None, ''
-    self.stream.flush()
+    """Writes what the threads hold back (an unfinished traceback unless it is one of the noise
+    tracebacks, a line without its newline) and forgets it."""
+    with self._lock:
+      states = list(self._threads)
+    for state in states:
+      block, partial = state.block or [], state.partial
+      state.block, state.partial = None, ''
+      if block and not all(self._noise(ln) or ln.startswith('Traceback') for ln in block):
+        self._out(''.join(block))
+      if partial and not self._noise(partial):
+        self._out(partial)
+    self.flush()
 
   def __getattr__(self, name):
     return getattr(self.stream, name)
@@ -198,8 +236,10 @@ class quiet_writes:  # noqa: N801  (a context manager used as a statement)
   """Around a run at verbosity < 1: Orbax's, asyncio's and TensorStore's log records, and the
   exceptions of threads that found the disk full (TensorBoard's writer), are held back (shown at the
   end unless the run failed with a full disk, which is then reported in one line); "Event loop is
-  closed" tracebacks on stderr are dropped. After a full disk, exceptions reported as unraisable
-  (atexit cleanups that flush to the full disk) stay off the terminal too."""
+  closed" tracebacks on stderr are dropped. After a full disk, the process is about to exit with the
+  one-line report while the failed save's callbacks may still print: those tracebacks stay dropped
+  until it exits, and exceptions reported as unraisable (atexit cleanups that flush to the full
+  disk) stay off the terminal too."""
 
   def __enter__(self):
     self.active = absl_logging.get_verbosity() < 1
@@ -226,13 +266,17 @@ class quiet_writes:  # noqa: N801  (a context manager used as a statement)
   def __exit__(self, exc_type, exc, tb):
     if not self.active:
       return False
+    full = exc is not None and is_full(exc)
     if isinstance(sys.stderr, _ClosedLoopTracebacks):
       sys.stderr.release()
-    sys.stderr = self.stderr
+      if full:  # the failed save's callbacks go on printing, possibly until the process exits
+        atexit.register(sys.stderr.release)
+      else:
+        sys.stderr = self.stderr
     threading.excepthook = self.thread_hook
     for handler, f in self.filters:
       handler.removeFilter(f)
-    if exc is not None and is_full(exc):
+    if full:
       console.drop_abandoned_future_logs()  # collected later, possibly at exit
       _drop_full_disk_unraisables()
     else:
