@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict] = {
     'warmup_rotation': {'model.vq_warmup_fraction': 0.25, 'model.vq_gradient': 'rotation'},
     'warmup_no_commit': {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.0},  # suspect 3
     'warmup_commit_005': {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.05},  # a fifth of it
+    'warmup_no_commit_128': {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.0, 'model.codebook_size': 128},
 }
 TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
 PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
@@ -85,7 +86,8 @@ ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition 
        'warmup_ema': 'warmup_kmeans + EMA codebook (0.99)',
        'warmup_rotation': 'warmup_kmeans + rotation trick',
        'warmup_no_commit': 'warmup_kmeans without the commitment term',
-       'warmup_commit_005': 'warmup_kmeans, commitment weight 0.05 (not 0.25)'}
+       'warmup_commit_005': 'warmup_kmeans, commitment weight 0.05 (not 0.25)',
+       'warmup_no_commit_128': 'warmup_no_commit with K = 128 codes (not 32)'}
 # The bottleneck's diagnostics (evaluation/bottleneck.py) of the test report, as table columns.
 DIAGNOSTICS = (('slot_perplexity', 'slot ppl'), ('code_class_mi', 'code MI'),
                ('probe_r2_codes', 'probe codes'), ('probe_r2_tokens', 'probe tokens'))
