@@ -267,12 +267,13 @@ class quiet_writes:  # noqa: N801  (a context manager used as a statement)
     if not self.active:
       return False
     full = exc is not None and is_full(exc)
-    if isinstance(sys.stderr, _ClosedLoopTracebacks):
+    ours = isinstance(sys.stderr, _ClosedLoopTracebacks)
+    if ours:
       sys.stderr.release()
-      if full:  # the failed save's callbacks go on printing, possibly until the process exits
-        atexit.register(sys.stderr.release)
-      else:
-        sys.stderr = self.stderr
+    if full and ours:  # the failed save's callbacks go on printing, possibly until the process exits
+      atexit.register(sys.stderr.release)
+    else:
+      sys.stderr = self.stderr
     threading.excepthook = self.thread_hook
     for handler, f in self.filters:
       handler.removeFilter(f)
