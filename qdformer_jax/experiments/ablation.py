@@ -33,41 +33,56 @@ from qdformer_jax import console
 from qdformer_jax import workdir as workdir_lib
 from qdformer_jax.evaluation import evals
 from qdformer_jax.evaluation import reports as reports_lib
-from qdformer_jax.training import eval_mode, train
+from qdformer_jax.training import eval_mode, resume, startup, train
 
 # The paper's Table 2 rows as switches of the model (row 2, time-domain separation with an
 # off-the-shelf model, has no counterpart here), then the recipe choices: from the recipe of
 # configs/synthetic.py to the paper-literal one, one change at a time, and all of them together.
+# The codebook recipes that earlier rows were measured on (the synthetic config's values then),
+# pinned so that a variant keeps naming the model it was measured as when the shipped recipe changes:
+# before the continuous warm-up, and the warm-up recipe shipped until the commitment term was dropped
+# and K raised to 128 (README, "Making the bottleneck carry the audio").
+BEFORE_WARMUP = {'model.vq_warmup_fraction': 0.0, 'model.vq_warmup_steps': 0, 'loss.commit_weight': 0.25,
+                 'model.codebook_size': 32}
+WARMUP_32 = {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.25, 'model.codebook_size': 32}
 VARIANTS: dict[str, dict] = {
     'baseline': {'model.decomposition': False},                              # row 1
     'no_quant': {'model.quantize': False},                                   # row 3: Non-Q-SD
     'qsd': {'model.avsr': False, 'model.local_calibration': False},          # row 4: Q-based-SD
     'qsd_avsr': {'model.local_calibration': False},                          # row 5: + AVSR
     'full': {},                                                              # row 6: + LC (ours)
-    'plain_codebook': {'model.vq_normalize': False, 'model.vq_restart_dead': False},
-    'eq9_sum': {'loss.quant_reduction': 'sum'},
-    'focal': {'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
-    'literal': {'model.vq_normalize': False, 'model.vq_restart_dead': False, 'loss.quant_reduction': 'sum',
-                'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
-    # Is the quantized models' gap the size of the bottleneck? The paper's K = 128 instead of 32.
-    'codebook_128': {'model.codebook_size': 128},
+    # The recipe choices, one at a time from the recipe they were measured on (`no_warmup`) towards the
+    # paper's, then all of them (`literal`: the paper's recipe on the synthetic model).
+    'plain_codebook': {**BEFORE_WARMUP, 'model.vq_normalize': False, 'model.vq_restart_dead': False},
+    'eq9_sum': {**BEFORE_WARMUP, 'loss.quant_reduction': 'sum'},
+    'focal': {**BEFORE_WARMUP, 'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
+    'literal': {**BEFORE_WARMUP, 'model.vq_normalize': False, 'model.vq_restart_dead': False,
+                'loss.quant_reduction': 'sum', 'loss.focal_alpha': 0.25, 'loss.focal_gamma': 2.0},
+    # Is the quantized models' gap the size of the bottleneck? The paper's K = 128 instead of 32 (measured
+    # before the warm-up, on that recipe).
+    'codebook_128': {**BEFORE_WARMUP, 'model.codebook_size': 128},
     # Remedies for a bottleneck that drops the audio (docs/DESIGN.md §1.6), each one change on the
-    # recipe without the continuous warm-up (`no_warmup`), then combinations with the warm-up:
-    'no_warmup': {'model.vq_warmup_fraction': 0.0, 'model.vq_warmup_steps': 0},
-    'rotation': {'model.vq_gradient': 'rotation', 'model.vq_warmup_fraction': 0.0},          # rotation trick
-    'ema': {'model.vq_ema_decay': 0.99, 'model.vq_warmup_fraction': 0.0},                     # EMA codebook
-    'fsq': {'model.quantizer': 'fsq', 'loss.quant_weight': 0.0, 'model.vq_warmup_fraction': 0.0},  # FSQ 4x4x2
-    'slot_entropy': {'loss.slot_entropy_weight': 0.1, 'model.vq_warmup_fraction': 0.0},       # per-slot entropy
-    'audio_tokens': {'model.local_audio_tokens': True, 'model.vq_warmup_fraction': 0.0},      # local ASD: many keys
-    'token_pos': {'model.query_pos_from_token': True, 'model.vq_warmup_fraction': 0.0},       # no audio-free queries
-    'warmup_kmeans': {'model.vq_warmup_fraction': 0.25},          # continuous for 1/4 of the run, then k-means
-    'warmup_token_pos': {'model.vq_warmup_fraction': 0.25, 'model.query_pos_from_token': True},
-    'warmup_slot_entropy': {'model.vq_warmup_fraction': 0.25, 'loss.slot_entropy_weight': 0.1},
-    'warmup_ema': {'model.vq_warmup_fraction': 0.25, 'model.vq_ema_decay': 0.99},
-    'warmup_rotation': {'model.vq_warmup_fraction': 0.25, 'model.vq_gradient': 'rotation'},
-    'warmup_no_commit': {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.0},  # suspect 3
-    'warmup_commit_005': {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.05},  # a fifth of it
-    'warmup_no_commit_128': {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.0, 'model.codebook_size': 128},
+    # recipe without the continuous warm-up (`no_warmup`), then combinations with the warm-up
+    # (`warmup_kmeans`). Each names the recipe it was measured on, so that it names the same model
+    # whatever the configs ship.
+    'no_warmup': dict(BEFORE_WARMUP),
+    'rotation': {**BEFORE_WARMUP, 'model.vq_gradient': 'rotation'},                 # rotation trick
+    'ema': {**BEFORE_WARMUP, 'model.vq_ema_decay': 0.99},                           # EMA codebook
+    'fsq': {**BEFORE_WARMUP, 'model.quantizer': 'fsq', 'loss.quant_weight': 0.0},   # FSQ 4x4x2
+    'slot_entropy': {**BEFORE_WARMUP, 'loss.slot_entropy_weight': 0.1},             # per-slot entropy
+    'audio_tokens': {**BEFORE_WARMUP, 'model.local_audio_tokens': True},            # local ASD: many keys
+    'token_pos': {**BEFORE_WARMUP, 'model.query_pos_from_token': True},             # no audio-free queries
+    'warmup_kmeans': dict(WARMUP_32),             # continuous for 1/4 of the run, then k-means
+    'warmup_token_pos': {**WARMUP_32, 'model.query_pos_from_token': True},
+    'warmup_slot_entropy': {**WARMUP_32, 'loss.slot_entropy_weight': 0.1},
+    'warmup_ema': {**WARMUP_32, 'model.vq_ema_decay': 0.99},
+    'warmup_rotation': {**WARMUP_32, 'model.vq_gradient': 'rotation'},
+    'warmup_no_commit': {**WARMUP_32, 'loss.commit_weight': 0.0},  # suspect 3
+    'warmup_commit_005': {**WARMUP_32, 'loss.commit_weight': 0.05},  # a fifth of it
+    'warmup_128': {**WARMUP_32, 'model.codebook_size': 128},  # K alone, the commitment term kept
+    # Both helps: what the configs ship since (so `full` on configs/synthetic.py is this model).
+    'warmup_no_commit_128': {**WARMUP_32, 'loss.commit_weight': 0.0, 'model.codebook_size': 128},
+    'warmup_no_commit_256': {**WARMUP_32, 'loss.commit_weight': 0.0, 'model.codebook_size': 256},
 }
 TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
 PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
@@ -75,19 +90,21 @@ ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition 
        'qsd': 'row 4: Q-based-SD', 'qsd_avsr': 'row 5: + AVSR', 'full': 'row 6: + LC (full)',
        'plain_codebook': 'recipe: plain L2 codebook, no restarts', 'eq9_sum': 'recipe: Eq. 9 summed over d',
        'focal': 'recipe: focal class loss (α .25, γ 2)', 'literal': 'recipe: all three (paper-literal)',
-       'codebook_128': 'full with the paper\'s K = 128 codes (not 32)',
+       'codebook_128': 'no_warmup with the paper\'s K = 128 codes (not 32)',
        'rotation': 'no_warmup + rotation trick', 'ema': 'no_warmup + EMA codebook (0.99)',
        'fsq': 'no_warmup with FSQ (4x4x2) for the codebook', 'slot_entropy': 'no_warmup + slot entropy (0.1)',
        'audio_tokens': 'no_warmup, local ASD over the audio map', 'token_pos': 'no_warmup, query pos from token',
-       'no_warmup': 'full without the continuous warm-up',
-       'warmup_kmeans': 'full, continuous for 1/4 of the steps, then k-means codebook',
+       'no_warmup': 'K = 32, commitment term, no continuous warm-up',
+       'warmup_kmeans': 'K = 32 codes with the commitment term, continuous for 1/4 of the steps, then k-means',
        'warmup_token_pos': 'warmup_kmeans + query pos from token',
        'warmup_slot_entropy': 'warmup_kmeans + slot entropy term (0.1)',
        'warmup_ema': 'warmup_kmeans + EMA codebook (0.99)',
        'warmup_rotation': 'warmup_kmeans + rotation trick',
        'warmup_no_commit': 'warmup_kmeans without the commitment term',
        'warmup_commit_005': 'warmup_kmeans, commitment weight 0.05 (not 0.25)',
-       'warmup_no_commit_128': 'warmup_no_commit with K = 128 codes (not 32)'}
+       'warmup_128': 'warmup_kmeans with K = 128 codes (not 32)',
+       'warmup_no_commit_128': 'warmup_no_commit with K = 128 codes (not 32)',
+       'warmup_no_commit_256': 'warmup_no_commit with K = 256 codes (not 32)'}
 # The bottleneck's diagnostics (evaluation/bottleneck.py) of the test report, as table columns.
 DIAGNOSTICS = (('slot_perplexity', 'slot ppl'), ('code_class_mi', 'code MI'),
                ('probe_r2_codes', 'probe codes'), ('probe_r2_tokens', 'probe tokens'))
@@ -145,6 +162,32 @@ def evaluate_final(config, workdir: str, test_split: str, snrs) -> None:
   eval_mode.evaluate_checkpoint(eval_config, workdir)
 
 
+# Fields of the quantizer: a run without one (model.quantize or model.decomposition off) is the same
+# model whatever they hold, so a finished continuous run stays valid when the shipped recipe changes.
+QUANTIZER_FIELDS = ('model.codebook_size', 'model.quantizer', 'model.fsq_levels', 'model.vq_', 'loss.commit_weight',
+                    'loss.quant_', 'loss.slot_entropy_weight')
+
+
+def check_finished_run(workdir: str, variant: str, config) -> None:
+  """Raises ValueError when the finished run in ``workdir`` was trained with another config than
+  ``variant`` resolves to now (e.g. the configs' recipe changed since, and the variant follows it), in
+  a field that a resume could not change either; its reports would be read as the variant's numbers."""
+  stored = workdir_lib.read_config(workdir)
+  if stored is None:
+    logging.warning('%s has no %s: its config cannot be checked against variant %s', workdir,
+                    workdir_lib.CONFIG_FILE, variant)
+    return
+  fixed, _ = resume.config_differences(stored, resume.config_json(startup.resolved_config(config)))
+  continuous = not (config.model.quantize and config.model.decomposition)
+  if continuous:
+    fixed = [d for d in fixed if not d[0].startswith(QUANTIZER_FIELDS)]
+  if fixed:
+    parts = '; '.join(f'{field}: run {json.dumps(a)}, variant {json.dumps(b)}' for field, a, b in fixed[:8])
+    raise ValueError(f'{workdir} holds a finished run of {variant!r} trained with another config ({parts}'
+                     f'{"; ..." if len(fixed) > 8 else ""}); its numbers are not this variant\'s. Use another '
+                     '--out, or move that run directory away to train it again')
+
+
 def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str,
             reevaluate: bool = False) -> dict:
   """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers.
@@ -155,6 +198,8 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   total = int(config.total_steps)
   done = reports_lib.report_path(workdir, evals.kind_module('negative_audio').REPORT_PREFIX, test_split, total)
   t0 = time.time()
+  if os.path.exists(done):
+    check_finished_run(workdir, variant, config)
   if not os.path.exists(done):
     logging.info('run %s seed %d -> %s', variant, seed, workdir)
     train.train_and_evaluate(config, workdir)
