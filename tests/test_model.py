@@ -37,6 +37,7 @@ def tiny_config(**model_changes):
   c.model.dropout = 0.0
   c.model.vq_normalize = False  # the paper's plain L2 codebook (the cosine one: quantizer tests)
   c.model.vq_warmup_fraction = 0.0  # the paper's bottleneck from step 0 (the warm-up: quantizer tests)
+  c.loss.commit_weight = 0.25  # the paper's λ_com (the shipped configs use 0): Eq. 9's gradients are checked
   c.model.update(model_changes)
   return c
 
@@ -265,6 +266,11 @@ ABLATIONS = {
                          ('fusion', 'global_asd', 'local_asd', 'quantizer', 'avsr', 'avsr_weights')),
     'no_quantize': (dict(quantize=False), ('quantizer', 'baseline_audio_query')),
     'no_avsr': (dict(avsr=False), ('avsr', 'avsr_weights', 'baseline_audio_query')),
+    # With local calibration the decoder reads the local tokens; the global ones reach the loss through
+    # AVSR and the commitment term only. Without both (λ_com = 0, as shipped), the global branch learns
+    # nothing: the codebook still follows it (Eq. 9's first term), the rest of the model does not.
+    'no_avsr_no_commitment': (dict(avsr=False), ('avsr', 'avsr_weights', 'baseline_audio_query', 'fusion',
+                                                  'global_asd'), {'commit_weight': 0.0}),
     'no_local_calibration': (dict(local_calibration=False), ('local_asd', 'baseline_audio_query')),
     'avsr_continuous': (dict(avsr_input='continuous'), ('baseline_audio_query',)),
     'bfloat16': (dict(dtype='bfloat16'), ('baseline_audio_query',)),
@@ -273,8 +279,9 @@ ABLATIONS = {
 
 @pytest.mark.parametrize('name', list(ABLATIONS))
 def test_ablation_switch(name, default_case):
-  changes, unused = ABLATIONS[name]
+  changes, unused, *loss_changes = ABLATIONS[name]
   config = tiny_config(**changes)
+  config.loss.update(*loss_changes)
   model = build(config)
   _, default_model, batch, (_, _, default_outputs, _) = default_case
   # Same parameters as the default model, so that the switch alone explains any difference.

@@ -2,13 +2,15 @@
 
   python -m qdformer_jax.experiments.ablation --out DIR [--variants full,no_quant,...] [--seeds 0,1,2]
       [--config configs/synthetic.py] [--steps 600] [--snrs 20,10,0,-10] [--negative_fraction 0.1]
+      [--recipe shipped|before_warmup|warmup_32]
 
 Every run trains ``--config`` with the variant's overrides for the same number of steps on the same
 data, seeds 0..S-1 (the seed draws the initial weights, the data order and the augmentation), then
 evaluates its final checkpoint on the test split: plain, with each clip given another clip's audio
 (the audio-use check), with pink noise mixed in at each SNR (the paper's Fig. 7) and with negative
 audio (silence, noise, off-screen: the FPR; docs/DESIGN.md §5.1). ``--negative_fraction`` trains
-every run with that fraction of negative clips (use another ``--out``). A finished run (its test
+every run with that fraction of negative clips (use another ``--out``); ``--recipe`` starts every
+variant from a codebook recipe that earlier tables were measured with (a variant's own fields win). A finished run (its test
 negative-audio report exists) is not redone (``--reevaluate`` evaluates its final checkpoint again);
 an interrupted one resumes from its checkpoint.
 
@@ -45,6 +47,9 @@ from qdformer_jax.training import eval_mode, resume, startup, train
 BEFORE_WARMUP = {'model.vq_warmup_fraction': 0.0, 'model.vq_warmup_steps': 0, 'loss.commit_weight': 0.25,
                  'model.codebook_size': 32}
 WARMUP_32 = {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.25, 'model.codebook_size': 32}
+# --recipe: the recipe every variant starts from (a variant's own fields still win), so that a table
+# measured before a recipe change is made again by the command beside it.
+RECIPES = {'shipped': {}, 'before_warmup': BEFORE_WARMUP, 'warmup_32': WARMUP_32}
 VARIANTS: dict[str, dict] = {
     'baseline': {'model.decomposition': False},                              # row 1
     'no_quant': {'model.quantize': False},                                   # row 3: Non-Q-SD
@@ -341,6 +346,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True)
   parser.add_argument('--config', default='configs/synthetic.py')
+  parser.add_argument('--recipe', default='shipped', choices=sorted(RECIPES),
+                      help="the codebook recipe the variants start from: the config's ('shipped'), or one "
+                           'that earlier tables were measured with (before_warmup: K = 32, λ_com = 0.25, no '
+                           'warm-up; warmup_32: the same with the warm-up)')
   parser.add_argument('--variants', default=','.join(TABLE2))
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--steps', type=int, default=0, help='steps per run (0: the config\'s total_steps)')
@@ -365,6 +374,8 @@ def main(argv=None) -> int:
     snrs = [float(s) for s in args.snrs.split(',') if s]
     os.makedirs(args.out, exist_ok=True)
     base = load_config(args.config)
+    for field, value in RECIPES[args.recipe].items():
+      set_field(base, field, value)
     if args.negative_fraction is not None:
       base.data.negative_fraction = args.negative_fraction
     data_dir = args.data_dir or os.path.join(args.out, 'tfds')
@@ -381,7 +392,8 @@ def main(argv=None) -> int:
     header = (f'# Ablation on {args.config}: {steps} steps per run, seeds {seeds}\n\n'
               f'Command: python -m qdformer_jax.experiments.ablation --out {args.out} --config {args.config} '
               f'--variants {",".join(variants)} --seeds {args.seeds} --steps {args.steps} --snrs {args.snrs}'
-              + (f' --negative_fraction {args.negative_fraction:g}' if args.negative_fraction is not None else ''))
+              + (f' --negative_fraction {args.negative_fraction:g}' if args.negative_fraction is not None else '')
+              + (f' --recipe {args.recipe}' if args.recipe != 'shipped' else ''))
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
       json.dump({'command': sys.argv, 'runs': results, 'summary': summary}, f, indent=2)
     table = markdown(results, summary, variants, snrs, metric, header)
