@@ -10,9 +10,10 @@ import pytest
 
 from qdformer_jax.experiments import ablation
 
-pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
+slow = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` (CI runs them)
 
 
+@slow
 def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
   out = tmp_path / 'abl'
   argv = ['--out', str(out), '--config', 'configs/synthetic.py:smoke', '--variants', 'full,baseline',
@@ -55,8 +56,48 @@ def test_variants_name_real_config_fields():
     assert config.seed == 1 and config.total_steps == 10 and config.lr_drop_steps == (8,)
   literal = ablation.run_config(base, 'literal', 0, 0, '/tmp/x')
   assert (literal.model.vq_normalize, literal.loss.quant_reduction, literal.loss.focal_gamma) == (False, 'sum', 2.0)
+  assert (literal.loss.commit_weight, literal.model.vq_warmup_fraction) == (0.25, 0.0)  # the paper's Eq. 9, no warm-up
+  shipped = ablation.run_config(base, 'full', 0, 0, '/tmp/x')
+  assert (shipped.loss.commit_weight, shipped.model.vq_warmup_fraction) == (0.0, 0.25)
+  # --recipe: the variants start from an earlier recipe; a variant's own fields still win.
+  for field, value in ablation.RECIPES['before_warmup'].items():
+    ablation.set_field(base, field, value)
+  earlier = ablation.run_config(base, 'full', 0, 0, '/tmp/x')
+  assert (earlier.loss.commit_weight, earlier.model.codebook_size, earlier.model.vq_warmup_fraction) == (0.25, 32, 0.0)
+  assert ablation.run_config(base, 'warmup_no_commit_128', 0, 0, '/tmp/x').model.codebook_size == 128
 
 
+def test_a_finished_run_of_another_config_is_refused(tmp_path):
+  """A run directory whose config.json differs from what its variant resolves to now (the shipped
+  recipe changed since) is refused, naming the fields; one of the same config is accepted; a
+  continuous run ignores the quantizer's fields, which do not change its model."""
+  from qdformer_jax.training import resume, startup
+  base = ablation.load_config('configs/synthetic.py:smoke')
+
+  def finished(variant, shipped_changes=None):
+    config = ablation.run_config(base, variant, 0, 10, str(tmp_path / 'tfds'))
+    for field, value in (shipped_changes or {}).items():
+      ablation.set_field(config, field, value)
+    workdir = tmp_path / f'{variant}_{len(os.listdir(tmp_path))}'
+    workdir.mkdir()
+    resume.write_run_config(startup.resolved_config(config), str(workdir))
+    return str(workdir)
+
+  for variant in ('full', 'warmup_kmeans', 'no_quant', 'baseline'):
+    ablation.check_finished_run(finished(variant), variant, ablation.run_config(base, variant, 0, 10,
+                                                                                str(tmp_path / 'tfds')))
+  old_recipe = {'loss.commit_weight': 0.25, 'model.codebook_size': 32}
+  with pytest.raises(ValueError, match=r"finished run of 'full'.*loss\.commit_weight: run 0\.25, variant 0\.0"):
+    ablation.check_finished_run(finished('full', old_recipe), 'full',
+                                ablation.run_config(base, 'full', 0, 10, str(tmp_path / 'tfds')))
+  ablation.check_finished_run(finished('no_quant', old_recipe), 'no_quant',
+                              ablation.run_config(base, 'no_quant', 0, 10, str(tmp_path / 'tfds')))
+  with pytest.raises(ValueError, match=r'model\.hidden_dim: run 48'):
+    ablation.check_finished_run(finished('no_quant', {'model.hidden_dim': 48}), 'no_quant',
+                                ablation.run_config(base, 'no_quant', 0, 10, str(tmp_path / 'tfds')))
+
+
+@slow
 def test_same_seed_gives_bitwise_equal_parameters(tmp_path):
   """Two runs of the same config and seed end with bitwise equal parameters (what makes the
   ablation's comparisons and the README's figures reproducible)."""

@@ -10,11 +10,13 @@ The shipped model is the quantized one (decomposition, codebook, AVSR, local cal
 continuous warm-up for the first quarter of the run, here 100 of the 400 steps), so the drop floor
 is a floor on the quantized model's use of the audio: a change that deafens its bottleneck fails.
 
-Measured on AMD EPYC (Zen 4), 2 cores (same seed, same CPU model, same numbers on every run):
-validation mIoU 0.3086 at step 400 (the all-background prediction scores ~0.10); with each clip's
-audio replaced by the next clip's, 0.1661 (a drop of 0.143). (Before the warm-up was shipped: 0.2757,
-drop 0.128.) The gate: mIoU >= 0.20 and a drop >= 0.06, so a change that stops the model learning, or
-learning from the audio, fails; the slack absorbs other CPUs' float differences. About 4 minutes.
+Measured on Intel Xeon (family 6, model 207), 2 vCPUs, with the shipped recipe (K = 128 codes, no
+commitment term; same seed, same CPU model, same numbers on every run): validation mIoU 0.4214 at
+step 400 (the all-background prediction scores ~0.10); with each clip's audio replaced by the next
+clip's, 0.1599 (a drop of 0.261). (The previous recipe, K = 32 and λ_com = 0.25, on AMD EPYC Zen 4:
+0.3086, drop 0.143; before the warm-up: 0.2757, drop 0.128.) The gate: mIoU >= 0.30 and a drop >=
+0.12, so a change that stops the model learning, or learning from the audio, fails; the slack absorbs
+other CPUs' float differences. About 4 minutes on two idle cores.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ pytestmark = pytest.mark.slow  # end-to-end runs: not in `pytest -m "not slow"` 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 400
-FLOOR = 0.20
-MARGIN = 0.06
+FLOOR = 0.30
+MARGIN = 0.12
 
 
 def run_main(args, env):
