@@ -57,9 +57,11 @@ def test_config_loads_with_the_paper_recipe(task, arg):
   named = [b for b in ('swin_t', 'pvt_v2_b5', 'pvt_v2_b0') if b in arg]
   expected_backbone = named[0] if named else ('resnet18' if smoke else 'resnet50')
   assert c.model.backbone.name == expected_backbone
-  # The codebook recipe: cosine codebook + restarts + Eq. 9 averaged over d unless ':literal'.
-  recipe = (c.model.vq_normalize, c.model.vq_restart_dead, c.loss.quant_reduction)
-  assert recipe == ((False, False, 'sum') if 'literal' in arg else (True, True, 'mean'))
+  # The codebook recipe: cosine codebook + restarts + Eq. 9 averaged over d + the continuous warm-up,
+  # without the commitment term, unless ':literal' (the paper's Eq. 9 with λ_com = 0.25, no warm-up).
+  recipe = (c.model.vq_normalize, c.model.vq_restart_dead, c.loss.quant_reduction, c.model.vq_warmup_fraction,
+            c.loss.commit_weight)
+  assert recipe == ((False, False, 'sum', 0.0, 0.25) if 'literal' in arg else (True, True, 'mean', 0.25, 0.0))
   assert (c.loss.focal_alpha, c.loss.focal_gamma) == (0.25, 2.0)  # the paper's class loss either way
 
 
