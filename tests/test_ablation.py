@@ -57,44 +57,82 @@ def test_variants_name_real_config_fields():
   literal = ablation.run_config(base, 'literal', 0, 0, '/tmp/x')
   assert (literal.model.vq_normalize, literal.loss.quant_reduction, literal.loss.focal_gamma) == (False, 'sum', 2.0)
   assert (literal.loss.commit_weight, literal.model.vq_warmup_fraction) == (0.25, 0.0)  # the paper's Eq. 9, no warm-up
-  shipped = ablation.run_config(base, 'full', 0, 0, '/tmp/x')
-  assert (shipped.loss.commit_weight, shipped.model.vq_warmup_fraction) == (0.0, 0.25)
-  # --recipe: the variants start from an earlier recipe; a variant's own fields still win.
-  for field, value in ablation.RECIPES['before_warmup'].items():
-    ablation.set_field(base, field, value)
-  earlier = ablation.run_config(base, 'full', 0, 0, '/tmp/x')
-  assert (earlier.loss.commit_weight, earlier.model.codebook_size, earlier.model.vq_warmup_fraction) == (0.25, 32, 0.0)
-  assert ablation.run_config(base, 'warmup_no_commit_128', 0, 0, '/tmp/x').model.codebook_size == 128
+
+
+# (K, λ_com, warm-up fraction) of the model each pinned variant was measured as (README tables).
+PINNED = {
+    'no_warmup': (32, 0.25, 0.0), 'codebook_128': (128, 0.25, 0.0), 'plain_codebook': (32, 0.25, 0.0),
+    'eq9_sum': (32, 0.25, 0.0), 'focal': (32, 0.25, 0.0), 'literal': (32, 0.25, 0.0), 'rotation': (32, 0.25, 0.0),
+    'ema': (32, 0.25, 0.0), 'slot_entropy': (32, 0.25, 0.0), 'audio_tokens': (32, 0.25, 0.0),
+    'token_pos': (32, 0.25, 0.0), 'warmup_kmeans': (32, 0.25, 0.25), 'warmup_token_pos': (32, 0.25, 0.25),
+    'warmup_ema': (32, 0.25, 0.25), 'warmup_rotation': (32, 0.25, 0.25), 'warmup_no_commit': (32, 0.0, 0.25),
+    'warmup_commit_005': (32, 0.05, 0.25), 'warmup_128': (128, 0.25, 0.25), 'warmup_no_commit_128': (128, 0.0, 0.25),
+    'warmup_no_commit_256': (256, 0.0, 0.25)}
+
+
+@pytest.mark.parametrize('recipe', ['shipped', 'before_warmup', 'warmup_32'])
+def test_pinned_variants_name_the_same_model_whatever_the_recipe(recipe):
+  base = ablation.base_config('configs/synthetic.py:semantic_hard', recipe)
+  for name, want in PINNED.items():
+    c = ablation.run_config(base, name, 0, 0, '/tmp/x')
+    assert (c.model.codebook_size, c.loss.commit_weight, c.model.vq_warmup_fraction, c.model.vq_warmup_steps) == \
+        (*want, 0), name
+  # `full` follows the recipe: the shipped one (warm-up, K = 128, no commitment term) or an earlier one.
+  full = ablation.run_config(base, 'full', 0, 0, '/tmp/x')
+  assert (full.model.codebook_size, full.loss.commit_weight, full.model.vq_warmup_fraction) == {
+      'shipped': (128, 0.0, 0.25), 'before_warmup': (32, 0.25, 0.0), 'warmup_32': (32, 0.25, 0.25)}[recipe]
+  assert ablation.base_config('configs/synthetic.py', recipe, 0.1).data.negative_fraction == 0.1
+
+
+def _finished_run(tmp_path, base, variant, changes=None, steps=10):
+  """A run dir that looks finished (its config.json and its last report), trained with ``changes``."""
+  from qdformer_jax.training import resume, startup
+  config = ablation.run_config(base, variant, 0, steps, str(tmp_path / 'tfds'))
+  for field, value in (changes or {}).items():
+    ablation.set_field(config, field, value)
+  workdir = ablation.run_dir(str(tmp_path / 'out'), variant, 0)
+  os.makedirs(workdir)
+  resume.write_run_config(startup.resolved_config(config), workdir)
+  done = ablation.done_report(workdir, config, 'test')
+  os.makedirs(os.path.dirname(done), exist_ok=True)
+  open(done, 'w').write('{}')
+  return workdir
 
 
 def test_a_finished_run_of_another_config_is_refused(tmp_path):
   """A run directory whose config.json differs from what its variant resolves to now (the shipped
   recipe changed since) is refused, naming the fields; one of the same config is accepted; a
   continuous run ignores the quantizer's fields, which do not change its model."""
-  from qdformer_jax.training import resume, startup
   base = ablation.load_config('configs/synthetic.py:smoke')
-
-  def finished(variant, shipped_changes=None):
-    config = ablation.run_config(base, variant, 0, 10, str(tmp_path / 'tfds'))
-    for field, value in (shipped_changes or {}).items():
-      ablation.set_field(config, field, value)
-    workdir = tmp_path / f'{variant}_{len(os.listdir(tmp_path))}'
-    workdir.mkdir()
-    resume.write_run_config(startup.resolved_config(config), str(workdir))
-    return str(workdir)
-
-  for variant in ('full', 'warmup_kmeans', 'no_quant', 'baseline'):
-    ablation.check_finished_run(finished(variant), variant, ablation.run_config(base, variant, 0, 10,
-                                                                                str(tmp_path / 'tfds')))
+  config = lambda variant: ablation.run_config(base, variant, 0, 10, str(tmp_path / 'tfds'))  # noqa: E731
   old_recipe = {'loss.commit_weight': 0.25, 'model.codebook_size': 32}
-  with pytest.raises(ValueError, match=r"finished run of 'full'.*loss\.commit_weight: run 0\.25, variant 0\.0"):
-    ablation.check_finished_run(finished('full', old_recipe), 'full',
-                                ablation.run_config(base, 'full', 0, 10, str(tmp_path / 'tfds')))
-  ablation.check_finished_run(finished('no_quant', old_recipe), 'no_quant',
-                              ablation.run_config(base, 'no_quant', 0, 10, str(tmp_path / 'tfds')))
-  with pytest.raises(ValueError, match=r'model\.hidden_dim: run 48'):
-    ablation.check_finished_run(finished('no_quant', {'model.hidden_dim': 48}), 'no_quant',
-                                ablation.run_config(base, 'no_quant', 0, 10, str(tmp_path / 'tfds')))
+  cases = [('full', None, None), ('warmup_kmeans', None, None), ('baseline', None, None),
+           ('full', old_recipe, r"finished run of 'full'.*loss\.commit_weight: run 0\.25, variant 0\.0"),
+           ('no_quant', old_recipe, None), ('no_quant', {'model.hidden_dim': 48}, r'model\.hidden_dim: run 48'),
+           ('no_quant', {'model.quantizer': 'fsq'}, r'model\.quantizer: run "fsq"')]
+  for i, (variant, changes, error) in enumerate(cases):
+    workdir = _finished_run(tmp_path / str(i), base, variant, changes)
+    if error:
+      with pytest.raises(ValueError, match=error):
+        ablation.check_finished_run(workdir, variant, config(variant))
+    else:
+      ablation.check_finished_run(workdir, variant, config(variant))
+
+
+def test_the_runner_refuses_a_stale_run_before_training_anything(tmp_path, monkeypatch, capsys):
+  """`full` trained with the recipe shipped before: the command stops at once with one line naming
+  the run and the fields, and trains nothing (not even the variants listed before it)."""
+  base = ablation.load_config('configs/synthetic.py:smoke')
+  _finished_run(tmp_path, base, 'full', {'loss.commit_weight': 0.25, 'model.codebook_size': 32})
+  trained = []
+  monkeypatch.setattr(ablation.train, 'train_and_evaluate', lambda config, workdir: trained.append(workdir))
+  argv = ['--out', str(tmp_path / 'out'), '--config', 'configs/synthetic.py:smoke', '--variants', 'baseline,full',
+          '--seeds', '0', '--steps', '10', '--data_dir', str(tmp_path / 'tfds')]
+  with pytest.raises(SystemExit) as exit_:
+    ablation.main(argv)
+  assert exit_.value.code == 2 and trained == []
+  err = capsys.readouterr().err
+  assert "finished run of 'full'" in err and 'model.codebook_size: run 32, variant' in err and '--recipe' in err
 
 
 @slow

@@ -37,19 +37,21 @@ from qdformer_jax.evaluation import evals
 from qdformer_jax.evaluation import reports as reports_lib
 from qdformer_jax.training import eval_mode, resume, startup, train
 
-# The paper's Table 2 rows as switches of the model (row 2, time-domain separation with an
-# off-the-shelf model, has no counterpart here), then the recipe choices: from the recipe of
-# configs/synthetic.py to the paper-literal one, one change at a time, and all of them together.
-# The codebook recipes that earlier rows were measured on (the synthetic config's values then),
-# pinned so that a variant keeps naming the model it was measured as when the shipped recipe changes:
-# before the continuous warm-up, and the warm-up recipe shipped until the commitment term was dropped
-# and K raised to 128 (README, "Making the bottleneck carry the audio").
+# The codebook recipes that earlier rows were measured on (configs/synthetic.py's values then: with
+# another --config they still set K = 32), pinned so that a variant keeps naming the model it was
+# measured as when the shipped recipe changes: before the continuous warm-up, and the warm-up recipe
+# shipped until the commitment term was dropped and K raised to 128 (README, "Making the bottleneck
+# carry the audio").
 BEFORE_WARMUP = {'model.vq_warmup_fraction': 0.0, 'model.vq_warmup_steps': 0, 'loss.commit_weight': 0.25,
                  'model.codebook_size': 32}
-WARMUP_32 = {'model.vq_warmup_fraction': 0.25, 'loss.commit_weight': 0.25, 'model.codebook_size': 32}
+WARMUP_32 = {'model.vq_warmup_fraction': 0.25, 'model.vq_warmup_steps': 0, 'loss.commit_weight': 0.25,
+             'model.codebook_size': 32}
 # --recipe: the recipe every variant starts from (a variant's own fields still win), so that a table
 # measured before a recipe change is made again by the command beside it.
 RECIPES = {'shipped': {}, 'before_warmup': BEFORE_WARMUP, 'warmup_32': WARMUP_32}
+# The paper's Table 2 rows as switches of the model (row 2, time-domain separation with an
+# off-the-shelf model, has no counterpart here) on the recipe the variants start from (--recipe), then
+# the recipe choices and the bottleneck's remedies, each pinned to the recipe it was measured on.
 VARIANTS: dict[str, dict] = {
     'baseline': {'model.decomposition': False},                              # row 1
     'no_quant': {'model.quantize': False},                                   # row 3: Non-Q-SD
@@ -137,6 +139,27 @@ def set_field(config, dotted: str, value) -> None:
   node[leaf] = value
 
 
+def base_config(spec: str, recipe: str = 'shipped', negative_fraction: float | None = None):
+  """The config every run of the command starts from: ``spec`` (as --config), then the ``recipe``'s
+  fields (RECIPES), then ``negative_fraction`` when given; each run then sets its variant's fields."""
+  base = load_config(spec)
+  for field, value in RECIPES[recipe].items():
+    set_field(base, field, value)
+  if negative_fraction is not None:
+    base.data.negative_fraction = negative_fraction
+  return base
+
+
+def run_dir(out: str, variant: str, seed: int) -> str:
+  return os.path.join(out, 'runs', variant, f'seed{seed}')
+
+
+def done_report(workdir: str, config, test_split: str) -> str:
+  """The report a finished run has written last (its final checkpoint's negative-audio evaluation)."""
+  return reports_lib.report_path(workdir, evals.kind_module('negative_audio').REPORT_PREFIX, test_split,
+                                 int(config.total_steps))
+
+
 def run_config(base, variant: str, seed: int, steps: int, data_dir: str) -> ml_collections.ConfigDict:
   config = base.copy_and_resolve_references()
   with config.unlocked():
@@ -169,8 +192,10 @@ def evaluate_final(config, workdir: str, test_split: str, snrs) -> None:
 
 # Fields of the quantizer: a run without one (model.quantize or model.decomposition off) is the same
 # model whatever they hold, so a finished continuous run stays valid when the shipped recipe changes.
-QUANTIZER_FIELDS = ('model.codebook_size', 'model.quantizer', 'model.fsq_levels', 'model.vq_', 'loss.commit_weight',
-                    'loss.quant_', 'loss.slot_entropy_weight')
+# (Not model.quantizer: the FSQ and VQ modules draw different numbers of initial values, and so change
+# the initial weights of every module built after them.)
+QUANTIZER_FIELDS = ('model.codebook_size', 'model.fsq_levels', 'model.vq_', 'loss.commit_weight', 'loss.quant_',
+                    'loss.slot_entropy_')
 
 
 def check_finished_run(workdir: str, variant: str, config) -> None:
@@ -190,18 +215,19 @@ def check_finished_run(workdir: str, variant: str, config) -> None:
     parts = '; '.join(f'{field}: run {json.dumps(a)}, variant {json.dumps(b)}' for field, a, b in fixed[:8])
     raise ValueError(f'{workdir} holds a finished run of {variant!r} trained with another config ({parts}'
                      f'{"; ..." if len(fixed) > 8 else ""}); its numbers are not this variant\'s. Use another '
-                     '--out, or move that run directory away to train it again')
+                     '--out, the --recipe it was measured with, or move that run directory away to train it '
+                     'again')
 
 
 def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str,
             reevaluate: bool = False) -> dict:
   """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers.
   ``reevaluate``: a finished run is evaluated again (e.g. after an evaluator gained a measurement)."""
-  workdir = os.path.join(out, 'runs', variant, f'seed{seed}')
+  workdir = run_dir(out, variant, seed)
   config = run_config(base, variant, seed, steps, data_dir)
   reports = workdir_lib.reports_dir(workdir)
   total = int(config.total_steps)
-  done = reports_lib.report_path(workdir, evals.kind_module('negative_audio').REPORT_PREFIX, test_split, total)
+  done = done_report(workdir, config, test_split)
   t0 = time.time()
   if os.path.exists(done):
     check_finished_run(workdir, variant, config)
@@ -348,8 +374,8 @@ def main(argv=None) -> int:
   parser.add_argument('--config', default='configs/synthetic.py')
   parser.add_argument('--recipe', default='shipped', choices=sorted(RECIPES),
                       help="the codebook recipe the variants start from: the config's ('shipped'), or one "
-                           'that earlier tables were measured with (before_warmup: K = 32, λ_com = 0.25, no '
-                           'warm-up; warmup_32: the same with the warm-up)')
+                           'that earlier tables were measured with on configs/synthetic.py (before_warmup: '
+                           'K = 32, λ_com = 0.25, no warm-up; warmup_32: the same with the warm-up)')
   parser.add_argument('--variants', default=','.join(TABLE2))
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--steps', type=int, default=0, help='steps per run (0: the config\'s total_steps)')
@@ -373,12 +399,14 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(',') if s]
     snrs = [float(s) for s in args.snrs.split(',') if s]
     os.makedirs(args.out, exist_ok=True)
-    base = load_config(args.config)
-    for field, value in RECIPES[args.recipe].items():
-      set_field(base, field, value)
-    if args.negative_fraction is not None:
-      base.data.negative_fraction = args.negative_fraction
+    base = base_config(args.config, args.recipe, args.negative_fraction)
     data_dir = args.data_dir or os.path.join(args.out, 'tfds')
+    # Every finished run is checked before anything trains, so that a stale one fails the command at once.
+    for variant in variants:
+      for seed in seeds:
+        workdir, config = run_dir(args.out, variant, seed), run_config(base, variant, seed, args.steps, data_dir)
+        if os.path.exists(done_report(workdir, config, args.test_split)):
+          check_finished_run(workdir, variant, config)
     results = []
     for variant in variants:
       for seed in seeds:
