@@ -27,8 +27,9 @@ Smoke run (< 2 min on 2 CPU cores) on the fake release of tfds_builders/fixtures
 Arguments after ':' (comma-separated): 'smoke' (configs.common.apply_smoke, 64² frames); a backbone
 name from qdformer_jax.models.backbones.BACKBONE_NAMES ('swin_t', 'resnet101', 'pvt_v2_b5', ...; with
 'smoke' a narrow, shallow variant of it); 'literal' (the paper's codebook recipe: plain L2 codebook, no
-dead-code restarts, Eq. 9 summed over d; by default the cosine codebook with restarts and Eq. 9
-averaged over d, see configs.common.apply_codebook_recipe for why). Unknown words are an error that
+dead-code restarts, Eq. 9 summed over d with λ_com = 0.25, no warm-up; by default the cosine codebook
+with restarts, Eq. 9 averaged over d without the commitment term, and a continuous warm-up for the
+first quarter of the run, see configs.common.apply_codebook_recipe for why). Unknown words are an error that
 lists the allowed ones.
 """
 from __future__ import annotations
