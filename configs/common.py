@@ -93,9 +93,11 @@ def apply_codebook_recipe(c: ml_collections.ConfigDict) -> ml_collections.Config
   have K = 128 already): 0.534 ± 0.011, above the previous recipe on every seed by more than either
   row's spread, and above K = 128 with the commitment term (``warmup_128``: 0.505) on every seed
   (this is the change the AVSBench configs see), with a drop of 0.212 ± 0.012 and the lowest
-  negative-audio false-positive rates of the quantized rows. The default job under it reached validation mIoU 0.604 at step 800 and 0.695 at the
-  end (0.549 / 0.619 with the previous recipe, same machine), about 5 % slower per step. It does not
-  reach the continuous model (``no_quant`` 0.587 ± 0.020, drop 0.291): the README says so.
+  negative-audio false-positive rates of the quantized rows. The default job under it reached
+  validation mIoU 0.604 at step 800 and 0.695 at step 1,600 (0.549 / 0.619 with the previous recipe,
+  same machine), about 5 % slower per step; it now runs 1,200 steps (configs/synthetic.py). It does
+  not reach the continuous model (``no_quant`` 0.587 ± 0.020, drop 0.291): the README says so. K = 256
+  scored higher still (0.556 ± 0.018) but is not shipped (README: why).
   """
   c.model.vq_normalize = True
   c.model.vq_restart_dead = True
