@@ -184,10 +184,18 @@ class _ClosedLoopTracebacks:
     *lines, state.partial = state.partial.split('\n')
     for line in lines:
       self._line(state, line + '\n')
-    if state.block is None and state.partial and not 'Traceback (most recent call last):'.startswith(state.partial):
+    if state.block is None and state.partial and not self._may_become_noise(state.partial):
       self._out(state.partial)
       state.partial = ''
     return len(text)
+
+  @classmethod
+  def _may_become_noise(cls, partial: str) -> bool:
+    """A line begun outside a traceback block that its next pieces could still make a noise line (an
+    indent alone, the start of a traceback header or of a noise line): held until it is complete."""
+    stripped = partial.strip()
+    return (not stripped or 'Traceback (most recent call last):'.startswith(partial)
+            or any(n.startswith(stripped) for n in cls.NOISE))
 
   # The lines of such a traceback, dropped one by one too when two tracebacks interleave in one thread.
   NOISE = ("self._check_closed()", "raise RuntimeError('Event loop is closed')", 'RuntimeError: Event loop is closed')
