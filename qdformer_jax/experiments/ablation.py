@@ -222,15 +222,14 @@ def check_finished_run(workdir: str, variant: str, config) -> None:
 def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str,
             reevaluate: bool = False) -> dict:
   """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers.
-  ``reevaluate``: a finished run is evaluated again (e.g. after an evaluator gained a measurement)."""
+  ``reevaluate``: a finished run is evaluated again (e.g. after an evaluator gained a measurement).
+  A finished run is read as it is: ``main`` checks every one against its variant first."""
   workdir = run_dir(out, variant, seed)
   config = run_config(base, variant, seed, steps, data_dir)
   reports = workdir_lib.reports_dir(workdir)
   total = int(config.total_steps)
   done = done_report(workdir, config, test_split)
   t0 = time.time()
-  if os.path.exists(done):
-    check_finished_run(workdir, variant, config)
   if not os.path.exists(done):
     logging.info('run %s seed %d -> %s', variant, seed, workdir)
     train.train_and_evaluate(config, workdir)
