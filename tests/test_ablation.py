@@ -47,6 +47,14 @@ def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
   assert os.path.getmtime(report) != stamp
   assert {p: os.path.getmtime(ckpt / p) for p in os.listdir(ckpt)} == before
   assert json.load(open(out / 'results.json'))['runs'][0]['test'] == results['runs'][0]['test']
+  # --reevaluate test: only the plain test report (where the bottleneck's diagnostics are) is rewritten.
+  test_report = out / 'runs' / 'full' / 'seed0' / 'reports' / 'eval_test_2.json'
+  stamps = os.path.getmtime(report), os.path.getmtime(test_report)
+  assert ablation.main(argv[:4] + ['--variants', 'full'] + argv[6:] + ['--reevaluate', 'test']) == 0
+  assert os.path.getmtime(report) == stamps[0] and os.path.getmtime(test_report) != stamps[1]
+  assert 'code MI held out' in (out / 'results.md').read_text()
+  assert 'code_class_mi_heldout' in json.load(open(out / 'results.json'))['runs'][0]['bottleneck']
+  assert ablation.main(argv[:4] + ['--variants', 'full'] + argv[6:] + ['--reevaluate', 'tset']) == 2
 
 
 def test_variants_name_real_config_fields():

@@ -26,15 +26,48 @@ def _diagnose(tokens, indices, y, valid, num_codes):
 
 
 def _ridge_r2(x, y, fold):
-  """Reference: the two-fold held-out R² of the ridge probe computed on the rows themselves."""
+  """Reference: the two-fold held-out R² of the ridge probe computed on the rows themselves, the best
+  over the ridge grid."""
   x = np.concatenate([x, np.ones((len(x), 1))], 1)
-  sse = sst = 0.0
-  for a, b in ((fold, ~fold), (~fold, fold)):
-    xx = x[a].T @ x[a]
-    w = np.linalg.solve(xx + bottleneck.RIDGE * np.mean(np.diag(xx)) * np.eye(x.shape[1]), x[a].T @ y[a])
-    sse += np.sum((x[b] @ w - y[b]) ** 2)
-    sst += np.sum((y[b] - y[b].mean(0)) ** 2)
-  return 1 - sse / sst
+  scores = []
+  for ridge in bottleneck.RIDGES:
+    sse = sst = 0.0
+    for a, b in ((fold, ~fold), (~fold, fold)):
+      xx = x[a].T @ x[a]
+      w = np.linalg.solve(xx + ridge * np.mean(np.diag(xx)) * np.eye(x.shape[1]), x[a].T @ y[a])
+      sse += np.sum((x[b] @ w - y[b]) ** 2)
+      sst += np.sum((y[b] - y[b].mean(0)) ** 2)
+    scores.append(1 - sse / sst)
+  return max(scores)
+
+
+def _mi_bits(codes, labels):
+  """Plug-in I(code; label) / H(label) from the rows (reference, by counting)."""
+  def h(values):
+    _, counts = np.unique(values, return_counts=True, axis=0)
+    p = counts / counts.sum()
+    return -np.sum(p * np.log2(p))
+  h_y = h(labels)
+  if h_y < 1e-9:
+    return np.nan
+  return (h(codes) + h_y - h(np.stack([codes, labels], 1))) / h_y
+
+
+def _heldout_mi_reference(indices, y, fold):
+  """Reference for code_class_mi_heldout, row by row: [M,N] codes, [M,C] presence, [M] fold mask."""
+  m, n = indices.shape
+  losses = np.zeros((2, y.shape[1]))
+  for fit, score in ((fold, ~fold), (~fold, fold)):
+    for c in range(y.shape[1]):
+      mis = [_mi_bits(indices[fit, s], y[fit, c]) for s in range(n)]
+      slot = int(np.nanargmax(mis))
+      base = (y[fit, c].sum() + 0.5) / (fit.sum() + 1.0)
+      for row in np.flatnonzero(score):
+        same = fit & (indices[:, slot] == indices[row, slot])
+        p = (y[same, c].sum() + bottleneck.PSEUDO_FRAMES * base) / (same.sum() + bottleneck.PSEUDO_FRAMES)
+        losses[0, c] -= np.log2(p if y[row, c] else 1 - p)
+        losses[1, c] -= np.log2(base if y[row, c] else 1 - base)
+  return float(np.mean(1 - losses[0] / losses[1]))
 
 
 def test_probe_matches_a_direct_ridge_fit_and_codes_that_name_the_class_score_high():
@@ -54,8 +87,32 @@ def test_probe_matches_a_direct_ridge_fit_and_codes_that_name_the_class_score_hi
   assert out['probe_r2_tokens'] > 0.8
   # MI: class 0 fully explained by slot 0 (1.0), classes 1, 2 by nothing (~0): mean ~1/3.
   assert 0.3 < out['code_class_mi'] < 0.45, out
+  np.testing.assert_allclose(out['code_class_mi_heldout'],
+                             _heldout_mi_reference(indices.reshape(b * t, n), y.reshape(b * t, c), fold), rtol=1e-6)
+  assert 0.25 < out['code_class_mi_heldout'] < 0.34, out  # ~1/3 less what the pseudo-frame costs
   # Slot perplexities: slot 0 uses 2 codes equally often (~2), slot 1 ~uniform over 6 (~5.5+).
   assert 3.3 < out['slot_perplexity'] < 4.2, out
+
+
+def test_heldout_mi_does_not_grow_with_the_codebook_where_the_plugin_estimate_does():
+  # Codes drawn at random, independent of the classes: the plug-in MI rises with K (its bias), the
+  # held-out one stays at or below 0.
+  rng = np.random.default_rng(3)
+  b, t, n, d, c = 60, 4, 2, 3, 4
+  y = rng.random((b, t, c)) > 0.7
+  tokens = rng.standard_normal((b, t, n, d)).astype(np.float32)
+  plugin, heldout = [], []
+  for k in (4, 32, 128):
+    out = _diagnose(tokens, rng.integers(0, k, (b, t, n)), y, np.ones((b, t), bool), k)
+    plugin.append(out['code_class_mi'])
+    heldout.append(out['code_class_mi_heldout'])
+  assert plugin[0] < plugin[1] < plugin[2] and plugin[2] > 0.2, plugin
+  assert max(heldout) < 0.02, heldout
+  fold = np.repeat(np.arange(b) % 2 == 0, t)
+  indices = rng.integers(0, 16, (b, t, n))
+  out = _diagnose(tokens, indices, y, np.ones((b, t), bool), 16)
+  np.testing.assert_allclose(out['code_class_mi_heldout'],
+                             _heldout_mi_reference(indices.reshape(b * t, n), y.reshape(b * t, c), fold), rtol=1e-6)
 
 
 def test_constant_codes_tell_nothing():
@@ -66,6 +123,7 @@ def test_constant_codes_tell_nothing():
   out = _diagnose(rng.standard_normal((b, t, n, d)).astype(np.float32), indices, y, np.ones((b, t), bool), k)
   np.testing.assert_allclose(out['slot_perplexity'], 1.0, rtol=1e-6)
   assert abs(out['code_class_mi']) < 1e-9
+  assert out['code_class_mi_heldout'] <= 1e-9
   assert out['probe_r2_codes'] < 0.01
 
 

@@ -10,13 +10,22 @@ models, their N code indices.
                     keeps one code whatever it hears; slot identity alone gives 1 here, N pooled)
   code_class_mi     mean over classes c of max over slots n of I(code_n; y_c) / H(y_c): the fraction
                     of the uncertainty about "does c sound in this frame" that the best slot's code
-                    removes (plug-in estimate from the histograms)
-  probe_r2_codes    held-out R² of a ridge probe from the one-hot codes (N·K features) to y
+                    removes (plug-in estimate from the histograms; biased upwards by about
+                    (K_used − 1) / (2·M·ln 2) bits for M frames, so it grows with K by itself)
+  code_class_mi_heldout
+                    the same fraction measured on frames the estimate did not see: per class, the best
+                    slot and p(y_c | code) (one pseudo-frame at the class's base rate) are taken from
+                    one fold and the log loss they give is scored on the other, against the log loss of
+                    the base rate alone (1 − loss_code / loss_base, pooled over both directions);
+                    ≤ 0 when the codes tell nothing that holds beyond the frames they were counted on
+  probe_r2_codes    held-out R² of a ridge probe from the one-hot codes (N·K features) to y, the best
+                    over a grid of ridge strengths (RIDGES)
   probe_r2_tokens   the same probe from the continuous tokens (N·d features): what the codes could say
 
 Probes are fitted on the frames of even batch rows and scored on the odd ones and the reverse (two
-folds, averaged), from the sufficient statistics XᵀX, XᵀY, YᵀY of each fold, so nothing but sums
-leaves the device.
+folds, pooled), from the sufficient statistics XᵀX, XᵀY, YᵀY of each fold, so nothing but sums
+leaves the device; the held-out MI uses the same folds' histograms. Choosing one of the five ridge
+strengths on the scored folds favours the probe a little, the same way for codes and tokens.
 """
 from __future__ import annotations
 
@@ -24,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RIDGE = 1e-3  # ridge strength relative to the mean diagonal of XᵀX
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths, relative to the mean diagonal of XᵀX
+PSEUDO_FRAMES = 1.0  # the held-out MI's smoothing of p(y_c | code) towards the class's base rate
 
 
 def class_presence(semantic: jax.Array, num_classes: int) -> jax.Array:
@@ -55,22 +65,23 @@ def accumulate(bottleneck: dict, semantic: jax.Array, valid: jax.Array, *, num_c
   if bottleneck.get('indices') is not None:
     onehot = jax.nn.one_hot(bottleneck['indices'].reshape(b * t, n), num_codes, dtype=jnp.float32)  # [M,N,K]
     sums['codes'] = [_fold_stats(onehot.reshape(b * t, n * num_codes), y, f) for f in folds]
-    # Joint histogram per slot of (code, class present) and the code histogram: [N,K,C], [N,K].
-    weighted = onehot * w[:, None, None]
-    sums['code_class'] = jnp.einsum('mnk,mc->nkc', weighted, y)
-    sums['code_count'] = jnp.sum(weighted, 0)
+    # Per fold, the joint histogram per slot of (code, class present) and the code histogram:
+    # [2,N,K,C], [2,N,K].
+    weighted = onehot[None] * jnp.stack(folds)[:, :, None, None]
+    sums['code_class'] = jnp.einsum('fmnk,mc->fnkc', weighted, y)
+    sums['code_count'] = jnp.sum(weighted, 1)
   return sums
 
 
-def _probe_r2(folds) -> float:
+def _probe_r2(folds, ridge: float) -> float:
   """Two-fold held-out R² (pooled over classes) of a ridge probe, from each fold's statistics."""
   sse = sst = 0.0
   for fit, score in ((folds[0], folds[1]), (folds[1], folds[0])):
     xx, xy = np.asarray(fit['xx'], np.float64), np.asarray(fit['xy'], np.float64)
     if float(fit['n']) < 1 or float(score['n']) < 1:
       return float('nan')
-    ridge = RIDGE * max(float(np.mean(np.diag(xx))), 1e-12)
-    w = np.linalg.solve(xx + ridge * np.eye(xx.shape[0]), xy)
+    strength = ridge * max(float(np.mean(np.diag(xx))), 1e-12)
+    w = np.linalg.solve(xx + strength * np.eye(xx.shape[0]), xy)
     sxx, sxy = np.asarray(score['xx'], np.float64), np.asarray(score['xy'], np.float64)
     syy, sy, n = np.asarray(score['yy'], np.float64), np.asarray(score['y'], np.float64), float(score['n'])
     sse += float(np.sum(w * (sxx @ w)) - 2.0 * np.sum(w * sxy) + np.sum(syy))
@@ -78,33 +89,72 @@ def _probe_r2(folds) -> float:
   return 1.0 - sse / sst if sst > 0 else float('nan')
 
 
+def _best_probe_r2(folds) -> float:
+  scores = [_probe_r2(folds, r) for r in RIDGES]
+  finite = [x for x in scores if np.isfinite(x)]
+  return max(finite) if finite else float('nan')
+
+
 def _entropy(p):
   p = np.clip(p, 1e-12, 1.0)
   return -np.sum(p * np.log2(p), axis=-1)
 
 
-def finalize(sums: dict) -> dict:
-  """The host-side figures of the module docstring from the accumulated sums."""
-  sums = jax.device_get(sums)
-  out = {'probe_r2_tokens': _probe_r2(sums['tokens'])}
-  if 'codes' not in sums:
-    return out
-  out['probe_r2_codes'] = _probe_r2(sums['codes'])
-  count = np.asarray(sums['code_count'], np.float64)          # [N,K]
-  joint_pos = np.asarray(sums['code_class'], np.float64)     # [N,K,C]: code k and class c present
+def _plugin_mi(count, joint_pos):
+  """count [N,K], joint_pos [N,K,C] -> (I(code_n; y_c) / H(y_c) [N,C] (nan where H = 0), probs [N,K])."""
   total = count.sum(-1, keepdims=True)                       # [N,1] valid frames
   probs = count / np.maximum(total, 1.0)
-  out['slot_perplexity'] = float(np.mean(2.0 ** _entropy(probs)))
-  # I(code_n; y_c) = H(y_c) - Σ_k p(k) H(y_c | k), per slot n and class c.
   p_c = joint_pos.sum(1) / np.maximum(total, 1.0)            # [N,C] P(y_c = 1)
   h_c = _entropy(np.stack([p_c, 1 - p_c], -1))               # [N,C]
   p_c_given_k = joint_pos / np.maximum(count[..., None], 1.0)
   h_c_given_k = _entropy(np.stack([p_c_given_k, 1 - p_c_given_k], -1))  # [N,K,C]
   mi = h_c - np.sum(probs[..., None] * h_c_given_k, axis=1)  # [N,C]
   with np.errstate(invalid='ignore', divide='ignore'):
-    normalized = np.where(h_c > 1e-9, mi / h_c, np.nan)
+    return np.where(h_c > 1e-9, mi / h_c, np.nan), probs
+
+
+def _log_loss(pos, count, p):
+  """Σ over frames of −log2 p(y) for ``pos`` positives among ``count`` frames predicted p (broadcast)."""
+  p = np.clip(p, 1e-12, 1 - 1e-12)
+  return -(pos * np.log2(p) + (count - pos) * np.log2(1 - p))
+
+
+def _heldout_mi(count, joint_pos) -> float:
+  """count [2,N,K], joint_pos [2,N,K,C] per fold -> the cross-fitted code_class_mi_heldout."""
+  num_classes = joint_pos.shape[-1]
+  loss_code, loss_base = np.zeros(num_classes), np.zeros(num_classes)
+  present = np.zeros((2, num_classes), bool)
+  for fit, score in ((0, 1), (1, 0)):
+    frames = count[fit, 0].sum()                              # every slot sees every valid frame
+    base = (joint_pos[fit, 0].sum(0) + 0.5) / (frames + 1.0)  # [C] the class's base rate (KT estimate)
+    normalized, _ = _plugin_mi(count[fit], joint_pos[fit])
+    best = np.argmax(np.where(np.isfinite(normalized), normalized, -np.inf), axis=0)  # [C] slot chosen on fit
+    cls = np.arange(num_classes)
+    fit_pos, fit_count = joint_pos[fit][best, :, cls], count[fit][best]               # [C,K], [C,K]
+    p_given_k = (fit_pos + PSEUDO_FRAMES * base[:, None]) / (fit_count + PSEUDO_FRAMES)
+    score_pos, score_count = joint_pos[score][best, :, cls], count[score][best]       # [C,K], [C,K]
+    loss_code += np.sum(_log_loss(score_pos, score_count, p_given_k), -1)
+    loss_base += _log_loss(score_pos.sum(-1), score_count.sum(-1), base)
+    positives = joint_pos[score, 0].sum(0)
+    present[score] = (positives > 0) & (positives < count[score, 0].sum())
+  scored = present.all(0) & (loss_base > 0)                   # classes both present and absent in both folds
+  return float(np.mean(1.0 - loss_code[scored] / loss_base[scored])) if scored.any() else float('nan')
+
+
+def finalize(sums: dict) -> dict:
+  """The host-side figures of the module docstring from the accumulated sums."""
+  sums = jax.device_get(sums)
+  out = {'probe_r2_tokens': _best_probe_r2(sums['tokens'])}
+  if 'codes' not in sums:
+    return out
+  out['probe_r2_codes'] = _best_probe_r2(sums['codes'])
+  count_folds = np.asarray(sums['code_count'], np.float64)       # [2,N,K]
+  joint_folds = np.asarray(sums['code_class'], np.float64)      # [2,N,K,C]: code k and class c present
+  normalized, probs = _plugin_mi(count_folds.sum(0), joint_folds.sum(0))
+  out['slot_perplexity'] = float(np.mean(2.0 ** _entropy(probs)))
   # Per class, the best slot; a class absent (or always present) in every frame has no score.
   scored = np.isfinite(normalized).any(axis=0)               # [C]
   best = np.max(np.where(np.isfinite(normalized), normalized, -np.inf), axis=0)[scored]
   out['code_class_mi'] = float(np.mean(best)) if best.size else float('nan')
+  out['code_class_mi_heldout'] = _heldout_mi(count_folds, joint_folds)
   return out

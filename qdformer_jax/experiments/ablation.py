@@ -90,6 +90,7 @@ VARIANTS: dict[str, dict] = {
     # Both helps: what the configs ship since (so `full` on configs/synthetic.py is this model).
     'warmup_no_commit_128': {**WARMUP_32, 'loss.commit_weight': 0.0, 'model.codebook_size': 128},
     'warmup_no_commit_256': {**WARMUP_32, 'loss.commit_weight': 0.0, 'model.codebook_size': 256},
+    'warmup_no_commit_512': {**WARMUP_32, 'loss.commit_weight': 0.0, 'model.codebook_size': 512},
 }
 TABLE2 = ('baseline', 'no_quant', 'qsd', 'qsd_avsr', 'full')
 PAPER_TABLE2 = {'baseline': 33.5, 'no_quant': 39.4, 'qsd': 42.5, 'qsd_avsr': 44.5, 'full': 46.6}  # AVSS mIoU, R50
@@ -111,9 +112,11 @@ ROW = {'baseline': 'row 1: no decomposition', 'no_quant': 'row 3: decomposition 
        'warmup_commit_005': 'warmup_kmeans, commitment weight 0.05 (not 0.25)',
        'warmup_128': 'warmup_kmeans with K = 128 codes (not 32)',
        'warmup_no_commit_128': 'warmup_no_commit with K = 128 codes (not 32)',
-       'warmup_no_commit_256': 'warmup_no_commit with K = 256 codes (not 32)'}
+       'warmup_no_commit_256': 'warmup_no_commit with K = 256 codes (not 32)',
+       'warmup_no_commit_512': 'warmup_no_commit with K = 512 codes (not 32)'}
 # The bottleneck's diagnostics (evaluation/bottleneck.py) of the test report, as table columns.
 DIAGNOSTICS = (('slot_perplexity', 'slot ppl'), ('code_class_mi', 'code MI'),
+               ('code_class_mi_heldout', 'code MI held out'),
                ('probe_r2_codes', 'probe codes'), ('probe_r2_tokens', 'probe tokens'))
 
 
@@ -175,18 +178,19 @@ def run_config(base, variant: str, seed: int, steps: int, data_dir: str) -> ml_c
   return config
 
 
-def evaluate_final(config, workdir: str, test_split: str, snrs) -> None:
+EVAL_KINDS = ('test', 'audio_use', 'noise', 'negative_audio')  # evaluate_final's evaluations, in order
+
+
+def evaluate_final(config, workdir: str, test_split: str, snrs, kinds=EVAL_KINDS) -> None:
   """Eval mode on the run's latest checkpoint: the test split plain, with shuffled audio, under noise
-  at ``snrs`` and under negative audio (each writes its report)."""
+  at ``snrs`` and under negative audio (each writes its report); ``kinds``: a subset of EVAL_KINDS."""
   eval_config = config.copy_and_resolve_references()
   with eval_config.unlocked():
     eval_config.mode = 'eval'
     eval_config.eval.update(split=test_split, checkpoint='latest', noise_snrs=tuple(snrs))
     eval_config.evals = ml_collections.ConfigDict({
-        'test': {'kind': 'segmentation', 'split': '', 'every': 0},
-        'audio_use': {'kind': 'audio_use', 'split': '', 'every': 0},
-        'noise': {'kind': 'noise', 'split': '', 'every': 0},
-        'negative_audio': {'kind': 'negative_audio', 'split': '', 'every': 0}})
+        name: {'kind': 'segmentation' if name == 'test' else name, 'split': '', 'every': 0}
+        for name in EVAL_KINDS if name in kinds})
   eval_mode.evaluate_checkpoint(eval_config, workdir)
 
 
@@ -220,9 +224,10 @@ def check_finished_run(workdir: str, variant: str, config) -> None:
 
 
 def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str,
-            reevaluate: bool = False) -> dict:
+            reevaluate=()) -> dict:
   """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers.
-  ``reevaluate``: a finished run is evaluated again (e.g. after an evaluator gained a measurement).
+  ``reevaluate``: the EVAL_KINDS a finished run is evaluated again with (e.g. after an evaluator gained
+  a measurement; the others' reports are read as they are).
   A finished run is read as it is: ``main`` checks every one against its variant first."""
   workdir = run_dir(out, variant, seed)
   config = run_config(base, variant, seed, steps, data_dir)
@@ -235,8 +240,8 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
     train.train_and_evaluate(config, workdir)
     evaluate_final(config, workdir, test_split, snrs)
   elif reevaluate:
-    logging.info('evaluating %s seed %d again (%s)', variant, seed, workdir)
-    evaluate_final(config, workdir, test_split, snrs)
+    logging.info('evaluating %s seed %d again (%s: %s)', variant, seed, workdir, ', '.join(reevaluate))
+    evaluate_final(config, workdir, test_split, snrs, reevaluate)
   seconds = time.time() - t0
 
   def report(kind, split, step):
@@ -384,8 +389,10 @@ def main(argv=None) -> int:
                       help="train every run with this fraction of negative clips (data.negative_fraction; "
                            "default: the config's)")
   parser.add_argument('--data_dir', default='', help='TFDS dir shared by all runs (default OUT/tfds)')
-  parser.add_argument('--reevaluate', action='store_true',
-                      help='evaluate finished runs again (their final checkpoint) instead of reading their reports')
+  parser.add_argument('--reevaluate', nargs='?', const=','.join(EVAL_KINDS), default='',
+                      help='evaluate finished runs again (their final checkpoint) instead of reading their '
+                           f'reports: every evaluation, or those named ({",".join(EVAL_KINDS)}; e.g. '
+                           '"--reevaluate test" for the bottleneck diagnostics alone)')
   parser.add_argument('--verbosity', type=int, default=0)
   parser.add_argument('--debug', action='store_true')
   args = parser.parse_args(argv)
@@ -395,6 +402,10 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
       raise ValueError(f'unknown variants {unknown}; known: {sorted(VARIANTS)}')
+    reevaluate = tuple(k for k in args.reevaluate.split(',') if k)
+    if set(reevaluate) - set(EVAL_KINDS):
+      raise ValueError(f'--reevaluate {args.reevaluate}: unknown {sorted(set(reevaluate) - set(EVAL_KINDS))}; '
+                       f'known: {",".join(EVAL_KINDS)}')
     seeds = [int(s) for s in args.seeds.split(',') if s]
     snrs = [float(s) for s in args.snrs.split(',') if s]
     os.makedirs(args.out, exist_ok=True)
@@ -410,7 +421,7 @@ def main(argv=None) -> int:
     for variant in variants:
       for seed in seeds:
         results.append(run_one(base, variant, seed, args.out, args.steps, snrs, data_dir, args.test_split,
-                               args.reevaluate))
+                               reevaluate))
         logging.info('%s seed %d: test %s %.4f (shuffled audio %.4f)', variant, seed, results[-1]['metric'],
                      results[-1]['test'], results[-1]['test_shuffled_audio'])
     metric = results[0]['metric']
