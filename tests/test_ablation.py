@@ -54,7 +54,6 @@ def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
   assert os.path.getmtime(report) == stamps[0] and os.path.getmtime(test_report) != stamps[1]
   assert 'code MI held out' in (out / 'results.md').read_text()
   assert 'code_class_mi_heldout' in json.load(open(out / 'results.json'))['runs'][0]['bottleneck']
-  assert ablation.main(argv[:4] + ['--variants', 'full'] + argv[6:] + ['--reevaluate', 'tset']) == 2
 
 
 def test_variants_name_real_config_fields():
@@ -141,6 +140,13 @@ def test_the_runner_refuses_a_stale_run_before_training_anything(tmp_path, monke
   assert exit_.value.code == 2 and trained == []
   err = capsys.readouterr().err
   assert "finished run of 'full'" in err and 'model.codebook_size: run 32, variant' in err and '--recipe' in err
+
+
+def test_an_unknown_evaluation_to_redo_is_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    ablation.main(['--out', str(tmp_path / 'out'), '--config', 'configs/synthetic.py:smoke', '--reevaluate', 'tset'])
+  assert exit_.value.code == 2
+  assert "--reevaluate tset: unknown ['tset']; known: test,audio_use,noise,negative_audio" in capsys.readouterr().err
 
 
 @slow
