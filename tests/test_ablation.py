@@ -52,7 +52,7 @@ def test_runner_writes_tables_and_does_not_redo_finished_runs(tmp_path):
   stamps = os.path.getmtime(report), os.path.getmtime(test_report)
   assert ablation.main(argv[:4] + ['--variants', 'full'] + argv[6:] + ['--reevaluate', 'test']) == 0
   assert os.path.getmtime(report) == stamps[0] and os.path.getmtime(test_report) != stamps[1]
-  assert 'code MI held out' in (out / 'results.md').read_text()
+  assert '| code MI held out | probe codes | probe tokens | restarts / 100 steps | quant. error global | quant. error local |' in (out / 'results.md').read_text()
   assert 'code_class_mi_heldout' in json.load(open(out / 'results.json'))['runs'][0]['bottleneck']
 
 

@@ -261,6 +261,10 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   metric = config.best_metric
   log = reports_lib.read_train_log(workdir)
   restarts = [row['codebook_restarts'] for row in log.values() if 'codebook_restarts' in row]
+  # Quantization errors at the end of training: the log's values over the last 100 steps.
+  late = [row for step, row in log.items() if int(step) > total - 100]
+  sqerr = {key: statistics.fmean([row[key] for row in late]) if late and all(key in row for row in late) else None
+           for key in ('vq_global_sqerr', 'vq_local_sqerr')}
   return {
       'variant': variant, 'seed': seed, 'steps': total, 'workdir': workdir,
       'metric': metric, 'val_curve': {str(k): curve[k] for k in sorted(curve)},
@@ -269,6 +273,7 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
       'bottleneck': test.get('bottleneck', {}),
       # Codeword churn: restarts per 100 steps (the log's per-step means, averaged over intervals).
       'restarts_per_100': 100.0 * statistics.fmean(restarts) if restarts else None,
+      **sqerr,
       'noise': {row['snr_db'] if isinstance(row['snr_db'], str) else f"{row['snr_db']:g}": row.get(metric)
                 for row in noise['table']},
       'negative_audio': {'foreground_positive': negative['positive']['foreground_fraction'],
@@ -298,7 +303,7 @@ def summarize(results: list[dict], variants, snrs) -> dict:
   summary = {}
   for v, runs in by.items():
     entry = {'n': len(runs)}
-    for key in ('test', 'test_shuffled_audio', 'restarts_per_100'):
+    for key in ('test', 'test_shuffled_audio', 'restarts_per_100', 'vq_global_sqerr', 'vq_local_sqerr'):
       entry[key] = _mean_std([r.get(key) for r in runs])
     entry['drop'] = _mean_std([r['test'] - r['test_shuffled_audio'] for r in runs])
     for key, _ in DIAGNOSTICS:
@@ -328,10 +333,15 @@ def markdown(results, summary, variants, snrs, metric: str, header: str) -> str:
     lines.append(f'| {v} | {ROW.get(v, "")} | {fmt(s["test"])} | {fmt(s["test_shuffled_audio"])} | {fmt(s["drop"])} | '
                  + ' | '.join(fmt(s['noise'][f'{x:g}']) for x in snrs) + f' | {paper} |')
   lines += _table('The bottleneck (test split; docs/DESIGN.md §1.6): per-slot code perplexity, code→class '
-                  'normalised MI, held-out probe R² of the sounding classes from the codes and from the '
-                  'continuous tokens, codeword restarts per 100 steps (mean over seeds).',
-                  [label for _, label in DIAGNOSTICS] + ['restarts / 100 steps'],
-                  {v: [fmt2(summary[v][key]) for key, _ in DIAGNOSTICS] + [fmt2(summary[v]['restarts_per_100'])]
+                  'normalised MI (plug-in, and held out), held-out probe R² of the sounding classes from the '
+                  'codes and from the continuous tokens; from the training log: codeword restarts per 100 '
+                  'steps, and the quantization errors over the last 100 steps (per clip, Σ over slots of '
+                  '‖code − token‖² / d, and the same over the frames for the local tokens; on the √d sphere '
+                  'each token adds 2(1 − cos)). Means over seeds.',
+                  [label for _, label in DIAGNOSTICS] + ['restarts / 100 steps', 'quant. error global',
+                                                         'quant. error local'],
+                  {v: [fmt2(summary[v][key]) for key, _ in DIAGNOSTICS]
+                   + [fmt2(summary[v][key]) for key in ('restarts_per_100', 'vq_global_sqerr', 'vq_local_sqerr')]
                    for v in variants})
   lines += _table('Negative audio (test split; docs/DESIGN.md §5.1): the FPR with silence, noise and off-screen '
                   'audio (every predicted pixel is false: nothing visible sounds) beside the foreground fraction '
