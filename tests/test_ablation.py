@@ -147,6 +147,9 @@ def test_an_unknown_evaluation_to_redo_is_one_line(tmp_path, capsys):
     ablation.main(['--out', str(tmp_path / 'out'), '--config', 'configs/synthetic.py:smoke', '--reevaluate', 'tset'])
   assert exit_.value.code == 2
   assert "--reevaluate tset: unknown ['tset']; known: test,audio_use,noise,negative_audio" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_:
+    ablation.main(['--out', str(tmp_path / 'out'), '--config', 'configs/synthetic.py:smoke', '--reevaluate='])
+  assert exit_.value.code == 2 and '--reevaluate: name the evaluations to redo' in capsys.readouterr().err
 
 
 @slow

@@ -215,9 +215,11 @@ def test_eval_results_carry_the_bottleneck_diagnostics(setup):
   config, mesh, evaluator, state = setup
   results = evaluator.run(state, 'val', threshold=0.5)
   diag = results['bottleneck']
-  assert set(diag) == {'probe_r2_tokens', 'probe_r2_codes', 'slot_perplexity', 'code_class_mi'}
+  assert set(diag) == {'probe_r2_tokens', 'probe_r2_codes', 'slot_perplexity', 'code_class_mi',
+                       'code_class_mi_heldout'}
   assert 1.0 <= diag['slot_perplexity'] <= config.model.codebook_size
   assert np.isnan(diag['code_class_mi']) or 0.0 <= diag['code_class_mi'] <= 1.0 + 1e-9
+  assert np.isnan(diag['code_class_mi_heldout']) or diag['code_class_mi_heldout'] <= 1.0 + 1e-9
 
 
 def test_train_log_lines_are_appended_and_read_back(tmp_path):

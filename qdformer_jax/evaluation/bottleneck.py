@@ -14,8 +14,9 @@ models, their N code indices.
                     (K_used − 1) / (2·M·ln 2) bits for M frames, so it grows with K by itself)
   code_class_mi_heldout
                     the same fraction measured on frames the estimate did not see: per class, the best
-                    slot and p(y_c | code) (one pseudo-frame at the class's base rate) are taken from
-                    one fold and the log loss they give is scored on the other, against the log loss of
+                    slot (by leave-one-out log loss) and p(y_c | code) (one pseudo-frame at the class's
+                    base rate) are taken from one fold and the log loss they give is scored on the
+                    other, against the log loss of
                     the base rate alone (1 − loss_code / loss_base, pooled over both directions);
                     ≤ 0 when the codes tell nothing that holds beyond the frames they were counted on
   probe_r2_codes    held-out R² of a ridge probe from the one-hot codes (N·K features) to y, the best
@@ -119,6 +120,18 @@ def _log_loss(pos, count, p):
   return -(pos * np.log2(p) + (count - pos) * np.log2(1 - p))
 
 
+def _leave_one_out_loss(count, joint_pos, base):
+  """count [N,K], joint_pos [N,K,C], base [C] -> [N,C]: the log loss over one fold's frames of
+  p(y_c | code_n) smoothed towards ``base``, each frame predicted from the others (so a slot whose many
+  codes only name the frames they were counted on does not look informative, as it does in plug-in MI)."""
+  pos, cnt = joint_pos, count[..., None]                      # [N,K,C], [N,K,1]
+  denom = cnt - 1.0 + PSEUDO_FRAMES
+  p_pos = (pos - 1.0 + PSEUDO_FRAMES * base) / np.maximum(denom, 1e-12)   # a positive frame, left out
+  p_neg = (pos + PSEUDO_FRAMES * base) / np.maximum(denom, 1e-12)         # a negative frame, left out
+  loss = -(pos * np.log2(np.clip(p_pos, 1e-12, 1.0)) + (cnt - pos) * np.log2(np.clip(1.0 - p_neg, 1e-12, 1.0)))
+  return np.sum(loss, axis=1)
+
+
 def _heldout_mi(count, joint_pos) -> float:
   """count [2,N,K], joint_pos [2,N,K,C] per fold -> the cross-fitted code_class_mi_heldout."""
   num_classes = joint_pos.shape[-1]
@@ -127,8 +140,7 @@ def _heldout_mi(count, joint_pos) -> float:
   for fit, score in ((0, 1), (1, 0)):
     frames = count[fit, 0].sum()                              # every slot sees every valid frame
     base = (joint_pos[fit, 0].sum(0) + 0.5) / (frames + 1.0)  # [C] the class's base rate (KT estimate)
-    normalized, _ = _plugin_mi(count[fit], joint_pos[fit])
-    best = np.argmax(np.where(np.isfinite(normalized), normalized, -np.inf), axis=0)  # [C] slot chosen on fit
+    best = np.argmin(_leave_one_out_loss(count[fit], joint_pos[fit], base), axis=0)   # [C] slot chosen on fit
     cls = np.arange(num_classes)
     fit_pos, fit_count = joint_pos[fit][best, :, cls], count[fit][best]               # [C,K], [C,K]
     p_given_k = (fit_pos + PSEUDO_FRAMES * base[:, None]) / (fit_count + PSEUDO_FRAMES)

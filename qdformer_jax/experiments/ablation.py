@@ -262,9 +262,13 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
   log = reports_lib.read_train_log(workdir)
   restarts = [row['codebook_restarts'] for row in log.values() if 'codebook_restarts' in row]
   # Quantization errors at the end of training: the log's values over the last 100 steps.
+  # (Logged summed over d where Eq. 9 is summed, so divided by d here; no local tokens: no local error.)
   late = [row for step, row in log.items() if int(step) > total - 100]
-  sqerr = {key: statistics.fmean([row[key] for row in late]) if late and all(key in row for row in late) else None
-           for key in ('vq_global_sqerr', 'vq_local_sqerr')}
+  per_channel = float(config.model.hidden_dim) if config.loss.quant_reduction == 'sum' else 1.0
+  sqerr = {key: statistics.fmean([row[key] for row in late]) / per_channel
+           if late and all(key in row for row in late) else None for key in ('vq_global_sqerr', 'vq_local_sqerr')}
+  if not config.model.local_calibration:
+    sqerr['vq_local_sqerr'] = None
   return {
       'variant': variant, 'seed': seed, 'steps': total, 'workdir': workdir,
       'metric': metric, 'val_curve': {str(k): curve[k] for k in sorted(curve)},
@@ -399,7 +403,7 @@ def main(argv=None) -> int:
                       help="train every run with this fraction of negative clips (data.negative_fraction; "
                            "default: the config's)")
   parser.add_argument('--data_dir', default='', help='TFDS dir shared by all runs (default OUT/tfds)')
-  parser.add_argument('--reevaluate', nargs='?', const=','.join(EVAL_KINDS), default='',
+  parser.add_argument('--reevaluate', nargs='?', const=','.join(EVAL_KINDS), default=None,
                       help='evaluate finished runs again (their final checkpoint) instead of reading their '
                            f'reports: every evaluation, or those named ({",".join(EVAL_KINDS)}; e.g. '
                            '"--reevaluate test" for the bottleneck diagnostics alone)')
@@ -412,7 +416,10 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
       raise ValueError(f'unknown variants {unknown}; known: {sorted(VARIANTS)}')
-    reevaluate = tuple(k for k in args.reevaluate.split(',') if k)
+    reevaluate = () if args.reevaluate is None else tuple(k for k in args.reevaluate.split(',') if k)
+    if args.reevaluate is not None and not reevaluate:
+      raise ValueError(f'--reevaluate: name the evaluations to redo ({",".join(EVAL_KINDS)}), or give the flag '
+                       'alone to redo all of them')
     if set(reevaluate) - set(EVAL_KINDS):
       raise ValueError(f'--reevaluate {args.reevaluate}: unknown {sorted(set(reevaluate) - set(EVAL_KINDS))}; '
                        f'known: {",".join(EVAL_KINDS)}')
