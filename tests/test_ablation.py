@@ -124,6 +124,14 @@ def test_a_finished_run_of_another_config_is_refused(tmp_path):
         ablation.check_finished_run(workdir, variant, config(variant))
     else:
       ablation.check_finished_run(workdir, variant, config(variant))
+  # Evaluating such a continuous run again builds its model with the codebook it was trained with (the
+  # checkpoint holds that shape); a quantized run is evaluated with its variant's config as it is.
+  workdir = _finished_run(tmp_path / 'again', base, 'no_quant', old_recipe)
+  trained = ablation.as_trained(config('no_quant'), workdir)
+  assert (trained.model.codebook_size, trained.loss.commit_weight) == (32, 0.25)
+  assert config('no_quant').model.codebook_size != 32
+  assert ablation.as_trained(config('full'), _finished_run(tmp_path / 'q', base, 'full', None)).model.codebook_size \
+      == config('full').model.codebook_size
 
 
 def test_the_runner_refuses_a_stale_run_before_training_anything(tmp_path, monkeypatch, capsys):

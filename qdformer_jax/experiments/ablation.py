@@ -223,6 +223,22 @@ def check_finished_run(workdir: str, variant: str, config) -> None:
                      'again')
 
 
+def as_trained(config, workdir: str):
+  """``config`` with the quantizer fields the finished run in ``workdir`` was trained with, where the
+  model does not use them (a continuous run, which ``check_finished_run`` lets keep an older codebook
+  recipe: its unused codebook still has the old shape in the checkpoint)."""
+  stored = workdir_lib.read_config(workdir)
+  if stored is None or (config.model.quantize and config.model.decomposition):
+    return config
+  fixed, _ = resume.config_differences(stored, resume.config_json(startup.resolved_config(config)))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for field, trained_with, _ in fixed:
+      if field.startswith(QUANTIZER_FIELDS):
+        set_field(config, field, tuple(trained_with) if isinstance(trained_with, list) else trained_with)
+  return config
+
+
 def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir: str, test_split: str,
             reevaluate=()) -> dict:
   """Trains (or resumes) one run and evaluates its final checkpoint; returns its numbers.
@@ -241,7 +257,7 @@ def run_one(base, variant: str, seed: int, out: str, steps: int, snrs, data_dir:
     evaluate_final(config, workdir, test_split, snrs)
   elif reevaluate:
     logging.info('evaluating %s seed %d again (%s: %s)', variant, seed, workdir, ', '.join(reevaluate))
-    evaluate_final(config, workdir, test_split, snrs, reevaluate)
+    evaluate_final(as_trained(config, workdir), workdir, test_split, snrs, reevaluate)
   seconds = time.time() - t0
 
   def report(kind, split, step):
